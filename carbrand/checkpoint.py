@@ -1,0 +1,200 @@
+"""Checkpoints and exports in the run directory, written atomically and read without pickle.
+
+    RUN/checkpoints/step_<n>/   model.safetensors  [ema.safetensors]  training_state.pt  config.yaml  classes.json
+    RUN/best/                   model.safetensors  classes.json  config.yaml   (an export)
+    RUN/last -> checkpoints/step_<n>
+
+Every directory is first written under a hidden temporary name and renamed when complete,
+so a crash mid-save leaves either the old state or the new one, never a half. Weights are
+safetensors; the training state (optimizer, scheduler, scaler, counters) is a torch file
+read back with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from carbrand.config import Config, config_from_dict, save_config
+from carbrand.errors import CarbrandError, ConfigError
+
+STEP_PATTERN = re.compile(r"^step_(\d+)$")
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "training_state.pt"
+EXPORT_FILES = (MODEL_FILE, "classes.json", "config.yaml")
+
+
+@dataclass
+class Export:
+    directory: Path
+    state_dict: dict[str, torch.Tensor]
+    classes: list[str]
+    config: Config
+
+
+def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, un-prefixed tensors: what safetensors and every reader expect."""
+    from carbrand.model import strip_wrapper_prefixes
+
+    return {strip_wrapper_prefixes(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def write_directory_atomically(final: Path, write_into) -> Path:
+    """Call write_into(tmp_dir), fsync the files, then rename tmp_dir to `final` (replacing it)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir()
+    write_into(temporary)
+    for child in temporary.iterdir():
+        with child.open("rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():
+        # rename() cannot replace a non-empty directory: move the old one aside first.
+        retired = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, retired)
+        os.rename(temporary, final)
+        shutil.rmtree(retired)
+    else:
+        os.rename(temporary, final)
+    return final
+
+
+def save_export(directory: Path, state_dict: dict[str, torch.Tensor], classes: list[str], config: Config) -> Path:
+    def write(into: Path) -> None:
+        save_file(state_dict, str(into / MODEL_FILE), metadata={"arch": config.model.arch, "num_classes": str(len(classes))})
+        (into / "classes.json").write_text(json.dumps(classes, indent=2, ensure_ascii=False) + "\n")
+        save_config(config, into / "config.yaml")
+
+    return write_directory_atomically(directory, write)
+
+
+def load_export(directory: str | Path) -> Export:
+    """Read an export (best/, a step checkpoint, or a copy) with one-line errors for anything off."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CarbrandError(f"checkpoint not found: {directory} (expected a directory such as RUN/best)")
+    missing = [name for name in EXPORT_FILES if not (directory / name).is_file()]
+    if missing:
+        raise CarbrandError(f"{directory} is not a carbrand export: missing {', '.join(missing)}")
+    try:
+        state_dict = load_file(str(directory / MODEL_FILE))
+    except Exception:
+        raise CarbrandError(f"{directory / MODEL_FILE} is not a valid safetensors file") from None
+    try:
+        classes = json.loads((directory / "classes.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CarbrandError(f"{directory / 'classes.json'} is not valid JSON") from None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise CarbrandError(f"{directory / 'classes.json'} must be a non-empty list of brand names")
+    try:
+        raw = yaml.safe_load((directory / "config.yaml").read_text())
+        config = config_from_dict(raw or {})
+    except (yaml.YAMLError, ConfigError) as error:
+        raise CarbrandError(f"{directory / 'config.yaml'} is not a valid carbrand config ({error})") from None
+    return Export(directory=directory, state_dict=state_dict, classes=classes, config=config)
+
+
+def load_export_model(directory: str | Path) -> tuple[torch.nn.Module, Export]:
+    """The exported classifier, on the CPU in eval mode, checked against its own config."""
+    from carbrand.model import build_model, load_classifier_state
+
+    export = load_export(directory)
+    model = build_model(export.config.model.arch, len(export.classes), pretrained="none")
+    load_classifier_state(model, export.state_dict, str(export.directory / MODEL_FILE))
+    return model.eval(), export
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+
+
+def step_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete step checkpoints, oldest first. Temporary (hidden) directories never match."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        match = STEP_PATTERN.match(child.name)
+        if match and child.is_dir() and all((child / f).is_file() for f in (MODEL_FILE, STATE_FILE)):
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def save_training_checkpoint(
+    run_dir: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    ema_state: dict[str, torch.Tensor] | None,
+    training_state: dict[str, Any],
+    classes: list[str],
+    config: Config,
+    keep: int,
+) -> Path:
+    def write(into: Path) -> None:
+        save_file(model_state, str(into / MODEL_FILE))
+        if ema_state is not None:
+            save_file(ema_state, str(into / EMA_FILE))
+        torch.save(training_state, into / STATE_FILE)
+        (into / "classes.json").write_text(json.dumps(classes, indent=2, ensure_ascii=False) + "\n")
+        save_config(config, into / "config.yaml")
+
+    final = write_directory_atomically(run_dir / "checkpoints" / f"step_{step}", write)
+    _point_last_at(run_dir, final)
+    for _, old in step_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _point_last_at(run_dir: Path, target: Path) -> None:
+    link = run_dir / "last"
+    temporary = run_dir / f".last-{os.getpid()}"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(target.relative_to(run_dir))
+    os.replace(temporary, link)  # atomic: `last` always names a complete checkpoint
+
+
+@dataclass
+class TrainingCheckpoint:
+    directory: Path
+    model_state: dict[str, torch.Tensor]
+    ema_state: dict[str, torch.Tensor] | None
+    training_state: dict[str, Any]
+
+
+def load_training_checkpoint(directory: Path) -> TrainingCheckpoint:
+    if not (directory / MODEL_FILE).is_file() or not (directory / STATE_FILE).is_file():
+        raise CarbrandError(f"{directory} is not a complete training checkpoint (needs {MODEL_FILE} and {STATE_FILE})")
+    try:
+        model_state = load_file(str(directory / MODEL_FILE))
+        ema_state = load_file(str(directory / EMA_FILE)) if (directory / EMA_FILE).is_file() else None
+        # weights_only: a checkpoint from elsewhere can never run code while loading.
+        training_state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise CarbrandError(f"{directory} cannot be loaded safely ({reason})") from None
+    return TrainingCheckpoint(directory, model_state, ema_state, training_state)
+
+
+def find_resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """`train.resume`: auto -> newest complete checkpoint or None; never -> None; PATH -> that, or an error."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = step_checkpoints(run_dir)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not path.exists():
+        raise ConfigError(f"config key 'train.resume' names {path}, which does not exist")
+    return path

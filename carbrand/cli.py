@@ -1,0 +1,66 @@
+"""`carbrand` console script: one sub-command per job, each owned by its own module.
+
+    carbrand prepare SOURCE --out DIR        carbrand.data.prepare
+    carbrand train --config FILE [k=v ...]   carbrand.train
+    carbrand evaluate --checkpoint DIR ...   carbrand.evaluate
+    carbrand predict --checkpoint DIR PATH   carbrand.predict
+    carbrand demo                            carbrand.demo
+
+Each module exposes `add_arguments(parser)` and `run(args) -> int`. A `CarbrandError`
+raised anywhere becomes one line on stderr and its exit code (2 for usage errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from carbrand.errors import CarbrandError
+
+COMMANDS = {
+    "prepare": ("carbrand.data.prepare", "verify images and write a prepared dataset (manifest)"),
+    "train": ("carbrand.train", "train a brand classifier (use `accelerate launch` for several processes)"),
+    "evaluate": ("carbrand.evaluate", "test-set metrics of an exported model"),
+    "predict": ("carbrand.predict", "which brand is this? top-k brands for image files or folders"),
+    "demo": ("carbrand.demo", "generate a demo dataset, then prepare, train, evaluate and predict on it"),
+}
+
+
+def top_level_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carbrand", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        subparsers.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def command_parser(name: str):
+    """Import only the chosen command's module: `carbrand predict` need not load the trainer."""
+    module = importlib.import_module(COMMANDS[name][0])
+    description = (module.__doc__ or COMMANDS[name][1]).strip()
+    parser = argparse.ArgumentParser(prog=f"carbrand {name}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    return parser, module
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        top_level_parser().parse_args(argv)  # prints usage or help and exits
+    name = argv[0]
+    parser, module = command_parser(name)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except CarbrandError as error:
+        print(f"carbrand {name}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"carbrand {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

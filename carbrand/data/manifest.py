@@ -1,0 +1,151 @@
+"""The prepared dataset on disk (what `carbrand prepare` writes, what loaders read).
+
+    classes.json                 ordered brand names; index = label
+    train.csv val.csv test.csv   path,label,brand (path relative to manifest.json's root)
+    manifest.json                source, root, seed, fractions, counts, rejections, duplicates
+
+Reading validates everything a loader would otherwise trip over hours later: the
+format version, labels that match classes.json, and paths that stay inside the root.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from carbrand.errors import DataError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path  # absolute path of the image file
+    label: int  # index into classes
+    brand: str  # classes[label], kept for readable CSVs and error messages
+
+
+@dataclass
+class PreparedDataset:
+    directory: Path  # where manifest.json lives
+    root: Path  # image paths in the CSVs are relative to this
+    classes: list[str]
+    splits: dict[str, list[Sample]]
+    info: dict[str, Any] = field(default_factory=dict)  # the whole manifest.json
+
+    def split(self, name: str) -> list[Sample]:
+        if name not in self.splits:
+            raise DataError(f"{self.directory}: no split '{name}' (have: {', '.join(self.splits)})")
+        return self.splits[name]
+
+
+def safe_relative_path(root: Path, relative: str, where: str) -> Path:
+    """Resolve `relative` under `root`, refusing absolute paths and `..` escapes."""
+    if not relative:
+        raise DataError(f"{where}: empty image path")
+    if os.path.isabs(relative) or Path(relative).is_absolute():
+        raise DataError(f"{where}: absolute image path {relative!r} is not allowed (paths are relative to the dataset root)")
+    if ".." in Path(relative).parts:
+        raise DataError(f"{where}: image path {relative!r} escapes the dataset root")
+    return root / relative
+
+
+def load_prepared(directory: str | Path) -> PreparedDataset:
+    directory = Path(directory)
+    manifest_path = directory / "manifest.json"
+    if not directory.is_dir():
+        raise DataError(f"prepared dataset not found: {directory} (run `carbrand prepare SOURCE --out {directory}`)")
+    if not manifest_path.is_file():
+        raise DataError(f"{manifest_path} is missing: {directory} is not a prepared dataset (run `carbrand prepare`)")
+    try:
+        info = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{manifest_path} is not valid JSON") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{manifest_path} must hold a JSON object")
+    version = info.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DataError(
+            f"{manifest_path} has format_version {version!r}; this carbrand reads {FORMAT_VERSION}: "
+            f"run `carbrand prepare` again on the source"
+        )
+    root = Path(info.get("root", ""))
+    if not root.is_absolute():
+        root = (directory / root).resolve()
+    classes = _read_classes(directory / "classes.json")
+    splits = {name: _read_split(directory / f"{name}.csv", root, classes) for name in SPLITS if (directory / f"{name}.csv").is_file()}
+    if not splits.get("train") and not splits.get("test"):
+        raise DataError(f"{directory}: no samples in any split")
+    return PreparedDataset(directory=directory, root=root, classes=classes, splits=splits, info=info)
+
+
+def _read_classes(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"{path} is missing")
+    try:
+        classes = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{path} is not valid JSON") from None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise DataError(f"{path} must be a non-empty JSON list of brand names")
+    if len(set(classes)) != len(classes):
+        raise DataError(f"{path} lists a brand twice")
+    return classes
+
+
+def _read_split(path: Path, root: Path, classes: list[str]) -> list[Sample]:
+    samples = []
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not {"path", "label", "brand"} <= set(reader.fieldnames):
+            raise DataError(f"{path} must have the columns path,label,brand")
+        for line_number, row in enumerate(reader, start=2):
+            where = f"{path}:{line_number}"
+            try:
+                label = int(row["label"])
+            except (TypeError, ValueError):
+                raise DataError(f"{where}: label {row['label']!r} is not an integer") from None
+            if not 0 <= label < len(classes):
+                raise DataError(f"{where}: label {label} is outside 0..{len(classes) - 1}")
+            if row["brand"] != classes[label]:
+                raise DataError(f"{where}: brand {row['brand']!r} does not match classes.json[{label}] = {classes[label]!r}")
+            samples.append(Sample(path=safe_relative_path(root, row["path"], where), label=label, brand=row["brand"]))
+    return samples
+
+
+def write_prepared(
+    directory: Path,
+    root: Path,
+    classes: list[str],
+    splits: dict[str, list[Sample]],
+    info: dict[str, Any],
+) -> None:
+    """Write the manifest directory; manifest.json last, so a crash leaves no valid-looking half."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "manifest.json").unlink(missing_ok=True)
+    _write_atomic(directory / "classes.json", json.dumps(classes, indent=2, ensure_ascii=False) + "\n")
+    for name in SPLITS:
+        rows = [[s.path.relative_to(root).as_posix(), s.label, s.brand] for s in splits.get(name, [])]
+        _write_csv_atomic(directory / f"{name}.csv", rows)
+    full_info = {"format_version": FORMAT_VERSION, "root": str(root), **info}
+    _write_atomic(directory / "manifest.json", json.dumps(full_info, indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _write_csv_atomic(path: Path, rows: list[list[Any]]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "brand"])
+        writer.writerows(rows)
+    os.replace(temporary, path)

@@ -1,0 +1,103 @@
+"""Classification metrics from a confusion matrix (rows = true brand, columns = predicted).
+
+A confusion matrix is a fixed-size sum, so ranks add theirs with one all-reduce and the
+result is exact whatever the world size; everything else is derived from it. The formulas
+match scikit-learn's (zero_division=0), which the tests check.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """int64 [num_classes, num_classes] counts; stays on the inputs' device (no host sync)."""
+    flat = targets.long() * num_classes + predictions.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def summarize(confusion: torch.Tensor) -> dict[str, float]:
+    """accuracy, macro/weighted precision, recall and F1 of a confusion matrix."""
+    per_class = per_class_metrics(confusion)
+    support = per_class["support"]
+    total = support.sum()
+    # macro averages over brands that occur as truth or prediction: sklearn's default label set
+    present = (support > 0) | (per_class["predicted"] > 0)
+    weights = support / total if total > 0 else support
+    summary = {"accuracy": float(confusion.diag().sum() / total) if total > 0 else 0.0, "samples": int(total)}
+    for name in ("precision", "recall", "f1"):
+        values = per_class[name]
+        summary[f"macro_{name}"] = float(values[present].mean()) if present.any() else 0.0
+        summary[f"weighted_{name}"] = float((values * weights).sum())
+    return summary
+
+
+def per_class_metrics(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
+    confusion = confusion.double().cpu()
+    true_positive = confusion.diag()
+    predicted = confusion.sum(dim=0)
+    support = confusion.sum(dim=1)
+    precision = _safe_divide(true_positive, predicted)
+    recall = _safe_divide(true_positive, support)
+    f1 = _safe_divide(2 * precision * recall, precision + recall)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support, "predicted": predicted}
+
+
+def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1e-12), torch.zeros_like(numerator))
+
+
+def row_normalized(confusion: torch.Tensor) -> torch.Tensor:
+    """Each true brand's row divided by its support (rows of absent brands stay 0)."""
+    confusion = confusion.double().cpu()
+    return _safe_divide(confusion, confusion.sum(dim=1, keepdim=True).expand_as(confusion))
+
+
+def top_k_accuracy(scores: torch.Tensor, targets: torch.Tensor, k: int) -> float:
+    """Share of samples whose true label is among the k highest scores ([n, num_classes] scores)."""
+    k = min(k, scores.shape[1])
+    top = scores.topk(k, dim=1).indices
+    return top_k_hits(top, targets)
+
+
+def top_k_hits(top_labels: torch.Tensor, targets: torch.Tensor) -> float:
+    """Share of rows of `top_labels` ([n, k] predicted labels, best first) that contain the target."""
+    if len(targets) == 0:
+        return 0.0
+    hits = (top_labels == targets.view(-1, 1)).any(dim=1)
+    return float(hits.double().mean())
+
+
+def calibration_bins(confidences: torch.Tensor, correct: torch.Tensor, num_bins: int = 15) -> list[dict[str, float]]:
+    """Reliability diagram data: equal-width bins over (0, 1] of the max softmax probability.
+
+    A confidence c falls in bin b when b/num_bins < c <= (b+1)/num_bins (bin 0 also takes c = 0).
+    """
+    confidences = confidences.double().cpu()
+    correct = correct.double().cpu()
+    # bucketize(right=False): bin b holds uppers[b-1] < c <= uppers[b], the usual ECE convention
+    uppers = torch.linspace(0, 1, num_bins + 1, dtype=torch.float64)[1:-1]
+    bins = torch.bucketize(confidences, uppers, right=False)
+    counts = torch.bincount(bins, minlength=num_bins).double()
+    confidence_sums = torch.bincount(bins, weights=confidences, minlength=num_bins)
+    correct_sums = torch.bincount(bins, weights=correct, minlength=num_bins)
+    result = []
+    for b in range(num_bins):
+        n = counts[b].item()
+        result.append({
+            "lower": b / num_bins,
+            "upper": (b + 1) / num_bins,
+            "count": int(n),
+            "confidence": confidence_sums[b].item() / n if n else 0.0,
+            "accuracy": correct_sums[b].item() / n if n else 0.0,
+        })
+    return result
+
+
+def expected_calibration_error(confidences: torch.Tensor, correct: torch.Tensor, num_bins: int = 15) -> float:
+    """ECE: sum over bins of (bin share) * |accuracy - mean confidence| (Guo et al., 2017)."""
+    total = len(confidences)
+    if total == 0:
+        return 0.0
+    bins = calibration_bins(confidences, correct, num_bins)
+    return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins))
