@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ class Tracker:
             return None
         # One W&B run per run directory: a resumed or requeued job continues the same curve.
         id_path = run_dir / RUN_ID_FILE
-        run_id = id_path.read_text().strip() if id_path.is_file() else wandb.util.generate_id()
+        run_id = id_path.read_text().strip() if id_path.is_file() else uuid.uuid4().hex[:8]
         try:
             run = wandb.init(
                 project=os.environ.get("WANDB_PROJECT", config.wandb.project),

@@ -2,7 +2,7 @@
 
     accelerate launch carbrand/train.py --config configs/stanford_cars.yaml
     accelerate launch --multi_gpu --num_processes 8 carbrand/train.py --config configs/stanford_cars.yaml optim.lr=0.2
-    accelerate launch --multi_gpu --num_processes 2 --cpu carbrand/train.py --config configs/cars5_cpu.yaml
+    accelerate launch --multi_gpu --num_processes 2 carbrand/train.py --config configs/cars5_cpu.yaml
     torchrun --nproc-per-node 8 carbrand/train.py --config configs/stanford_cars.yaml
     python -m carbrand.train --config configs/demo.yaml      (same as `carbrand train --config ...`)
 
@@ -188,7 +188,7 @@ def train(config: Config) -> int:
         if val_loader is not None:
             val_loader.close()
         tracker.finish(exit_code=exit_code)
-    accelerator.wait_for_everyone()
+    check_ranks_agree(state)
     if accelerator.is_main_process and exit_code == 0:
         if not (run_dir / "best").is_dir():  # no validation split: the last model is the export
             export_model(state)
@@ -353,6 +353,18 @@ def save_checkpoint(state: dict) -> None:
         save_training_checkpoint(state["run_dir"], progress.step, plain_state_dict(state["unwrapped_model"]), ema,
                                  training_state, state["classes"], config, keep=config.train.keep_checkpoints)
     accelerator.wait_for_everyone()  # nobody exits or resumes before the checkpoint is complete
+
+
+def check_ranks_agree(state: dict) -> None:
+    """Once, at the end: every rank must hold the same weights, or DDP silently diverged."""
+    accelerator = state["accelerator"]
+    checksum = torch.stack([p.detach().double().sum() for p in state["unwrapped_model"].parameters()]).sum()
+    checksums = accelerator.gather(checksum.reshape(1))
+    agree = bool(torch.allclose(checksums, checksums[0].expand_as(checksums), rtol=1e-6, atol=1e-6))
+    state["tracker"].log({"run/ranks_agree": agree, "run/parameter_checksum": checksums[0].item()},
+                         step=state["progress"].step)
+    if not agree:
+        raise CarbrandError(f"ranks hold different weights at the end of training (checksums {checksums.tolist()})")
 
 
 def stop_gracefully(state: dict, stop_request: StopRequest, already_saved: bool = False) -> int:

@@ -1,0 +1,241 @@
+"""DALI input pipelines: train (ROI random-resized-crop decode) and eval (resize + centre crop).
+
+`decode="gpu"` runs the "mixed" decoder (nvJPEG and, on A100/H100, the hardware JPEG
+decoder) and every later op on the GPU; `decode="cpu"` runs the same graph on the CPU
+with `device_id=None`, so it works on machines without a GPU and in tests.
+
+Files and labels reach the reader as Python lists, never as a `file_list` text file:
+names may hold spaces, commas, parentheses or any Unicode character.
+
+This module imports DALI at the top; `carbrand.data.loaders` imports it only when the
+DALI backend is chosen, so the package works without DALI installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import nvidia.dali.math as dali_math
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from carbrand.config import DataConfig
+from carbrand.data.manifest import Sample
+from carbrand.data.preprocessing import (
+    IMAGENET_MEAN_255,
+    IMAGENET_STD_255,
+    TRAIN_ASPECT_RATIO,
+    TRAIN_CROP_ATTEMPTS,
+    eval_crop_side_fraction,
+)
+from carbrand.data.sharding import augmentation_seed, eval_shard, train_batches_per_epoch, train_shard
+
+READER = "Reader"  # the iterator finds the shard size through the reader's name
+
+# nvJPEG / HW-decoder preallocation for the "mixed" decoder, the values NVIDIA's ResNet-50
+# reference uses (sized for the largest ImageNet photo): buffers are allocated once
+# instead of growing (and synchronising the device) whenever a larger photo arrives.
+DEVICE_MEMORY_PADDING = 211_025_920
+HOST_MEMORY_PADDING = 140_544_512
+PREALLOCATE_WIDTH_HINT = 5980
+PREALLOCATE_HEIGHT_HINT = 6430
+
+
+def _decoder_args(gpu: bool, hw_decoder_load: float) -> dict:
+    """Decoder keyword arguments; the memory/HW-decoder ones exist only for the mixed backend."""
+    # adjust_orientation=True (the DALI default, stated so nobody flips it): EXIF orientation
+    # is applied, matching PIL.ImageOps.exif_transpose in the torchvision path.
+    args = {"output_type": types.RGB, "adjust_orientation": True}
+    if gpu:
+        args.update(
+            device="mixed",
+            hw_decoder_load=hw_decoder_load,
+            device_memory_padding=DEVICE_MEMORY_PADDING,
+            host_memory_padding=HOST_MEMORY_PADDING,
+            preallocate_width_hint=PREALLOCATE_WIDTH_HINT,
+            preallocate_height_hint=PREALLOCATE_HEIGHT_HINT,
+        )
+    else:
+        args["device"] = "cpu"
+    return args
+
+
+def _normalize(images, *, channels_last: bool, half: bool, mirror=None):
+    """Flip (when `mirror` is given), normalise with ImageNet statistics, cast."""
+    extra = {} if mirror is None else {"mirror": mirror}
+    return fn.crop_mirror_normalize(
+        images,
+        mean=list(IMAGENET_MEAN_255),
+        std=list(IMAGENET_STD_255),
+        # HWC gives NHWC batches; permuting them to NCHW in torch is a free channels_last view.
+        output_layout="HWC" if channels_last else "CHW",
+        dtype=types.FLOAT16 if half else types.FLOAT,
+        **extra,
+    )
+
+
+@pipeline_def
+def train_pipeline(files: list[str], labels: list[int], *, gpu: bool, data: DataConfig, channels_last: bool, half: bool):
+    # random_shuffle=False: the order is the epoch's exact permutation from sharding.py.
+    jpegs, labels_out = fn.readers.file(files=files, labels=labels, random_shuffle=False, name=READER)
+    # Decodes only the random crop's region of interest (less work than decode-then-crop).
+    images = fn.decoders.image_random_crop(
+        jpegs,
+        random_area=[data.crop_scale_min, 1.0],
+        random_aspect_ratio=list(TRAIN_ASPECT_RATIO),
+        num_attempts=TRAIN_CROP_ATTEMPTS,
+        **_decoder_args(gpu, data.hw_decoder_load),
+    )
+    images = fn.resize(images, resize_x=data.image_size, resize_y=data.image_size)  # antialiased linear
+    images = _normalize(images, channels_last=channels_last, half=half, mirror=fn.random.coin_flip(probability=0.5))
+    return images, labels_out
+
+
+@pipeline_def
+def eval_pipeline(files: list[str], *, gpu: bool, data: DataConfig, channels_last: bool, half: bool):
+    # Labels are positions in `files`; the loader maps them back to (label, sample index).
+    # pad_last_batch=True repeats the last sample to fill the final batch (the iterator's
+    # PARTIAL policy cuts those repeats off) and keeps the next pass aligned to sample 0.
+    jpegs, positions = fn.readers.file(
+        files=files, labels=list(range(len(files))), random_shuffle=False, pad_last_batch=True, name=READER
+    )
+    images = fn.decoders.image(jpegs, **_decoder_args(gpu, data.hw_decoder_load))
+    # "Resize the shorter side to R, centre-crop S" done as one resize of the centred source
+    # square (side = shorter * S / R) straight to S x S: the same exact, sub-pixel geometry
+    # as preprocessing.eval_crop_box (no rounding of the resized size or of the crop offset).
+    shape = images.shape(dtype=types.FLOAT)  # H, W, C after EXIF rotation; always a CPU node
+    height, width = shape[0], shape[1]
+    side = dali_math.min(height, width) * eval_crop_side_fraction(data.image_size, data.eval_crop_fraction)
+    images = fn.resize(
+        images,
+        size=[data.image_size, data.image_size],
+        roi_start=fn.stack((height - side) * 0.5, (width - side) * 0.5),  # (y, x), like `size`
+        roi_end=fn.stack((height + side) * 0.5, (width + side) * 0.5),
+    )
+    images = _normalize(images, channels_last=channels_last, half=half)
+    return images, positions
+
+
+class _Output:
+    """Turns DALI's batch into the model's input: device, dtype and NCHW view."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, channels_last: bool):
+        self.device, self.dtype, self.channels_last = device, dtype, channels_last
+        # DALI has no bfloat16: emit float16 (half the bytes of float32 across PCIe on
+        # the CPU-decode path) and cast once on the device. Normalised pixels lie in
+        # about [-2.2, 2.7], where float16 is more precise than bfloat16, so nothing is lost.
+        self.half = dtype in (torch.float16, torch.bfloat16)
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, dtype=self.dtype, non_blocking=True)
+        if self.channels_last:
+            images = images.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last, no copy
+        return images
+
+
+def _pipeline_args(data: DataConfig, *, gpu: bool, device: torch.device, seed: int) -> dict:
+    device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
+    return {
+        "batch_size": data.batch_size,
+        "num_threads": max(1, data.workers),
+        "device_id": device_id,  # None: a CPU-only pipeline that never touches CUDA
+        "seed": seed,
+        "prefetch_queue_depth": data.prefetch,
+    }
+
+
+class DaliTrainLoader:
+    """Training batches; one DALI pipeline per epoch, fed that epoch's ordered shard.
+
+    Re-building the pipeline every epoch costs well under a second and buys an exact,
+    resumable order (the reader's own shuffle buffer is neither exact nor seekable).
+    """
+
+    def __init__(self, data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int, seed: int,
+                 gpu: bool, device: torch.device, dtype: torch.dtype, channels_last: bool):
+        self.batches_per_epoch = train_batches_per_epoch(len(samples), world_size=world_size, batch_size=data.batch_size)
+        self._data, self._gpu, self._device = data, gpu, device
+        self._files = [str(s.path) for s in samples]
+        self._labels = [s.label for s in samples]
+        self._rank, self._world_size, self._seed = rank, world_size, seed
+        self._output = _Output(device, dtype, channels_last)
+        self._epoch, self._start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch {start_batch} is not in 0..{self.batches_per_epoch}")
+        self._epoch, self._start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self._start_batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = train_shard(len(self._files), seed=self._seed, epoch=self._epoch, rank=self._rank,
+                            world_size=self._world_size, batch_size=self._data.batch_size)
+        order = order[self._start_batch * self._data.batch_size:]
+        if len(order) == 0:
+            return
+        seed = augmentation_seed(self._seed, rank=self._rank, epoch=self._epoch)
+        pipe = train_pipeline(
+            [self._files[i] for i in order], [self._labels[i] for i in order],
+            gpu=self._gpu, data=self._data, channels_last=self._output.channels_last, half=self._output.half,
+            **_pipeline_args(self._data, gpu=self._gpu, device=self._device, seed=seed),
+        )
+        pipe.build()
+        # The shard is a whole number of batches, so DROP never drops anything; it is
+        # stated so a wrong count would shorten the epoch rather than pad it.
+        iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER,
+                                       last_batch_policy=LastBatchPolicy.DROP)
+        try:
+            for (batch,) in iterator:
+                labels = batch["labels"].reshape(-1).to(self._device, dtype=torch.int64, non_blocking=True)
+                yield self._output.images(batch["images"]), labels
+        finally:
+            del iterator, pipe  # frees the pipeline's threads and buffers before the next epoch
+
+    def close(self) -> None:
+        """Nothing is held between epochs (each epoch's pipeline dies with its iteration)."""
+
+
+class DaliEvalLoader:
+    """Evaluation batches of this rank's shard: every sample once, the last batch partial."""
+
+    def __init__(self, data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int,
+                 gpu: bool, device: torch.device, dtype: torch.dtype, channels_last: bool):
+        shard = eval_shard(len(samples), rank=rank, world_size=world_size)
+        self.num_samples = len(shard)
+        self._batch_size = data.batch_size
+        self._output = _Output(device, dtype, channels_last)
+        # position in the shard -> global sample index / true label, looked up after each batch
+        self._indices = torch.as_tensor(shard, dtype=torch.int64)
+        self._labels = torch.tensor([samples[i].label for i in shard], dtype=torch.int64)
+        self._files = [str(samples[i].path) for i in shard]
+        self._pipeline_kwargs = dict(
+            gpu=gpu, data=data, channels_last=channels_last, half=self._output.half,
+            **_pipeline_args(data, gpu=gpu, device=device, seed=0),  # eval draws no random numbers
+        )
+        self._iterator = None  # kept between passes: evaluation runs every epoch
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self._batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if not self.num_samples:  # a rank with no samples (more ranks than samples) yields nothing
+            return
+        iterator, self._iterator = self._iterator or self._new_iterator(), None  # a pass abandoned half-way is not reused
+        for (batch,) in iterator:
+            positions = batch["positions"].reshape(-1).to("cpu", dtype=torch.int64)
+            labels = self._labels[positions].to(self._output.device, non_blocking=True)
+            yield self._output.images(batch["images"]), labels, self._indices[positions]
+        self._iterator = iterator  # a complete pass reset itself (auto_reset) and starts at sample 0
+
+    def _new_iterator(self) -> DALIGenericIterator:
+        pipe = eval_pipeline(self._files, **self._pipeline_kwargs)
+        pipe.build()
+        # PARTIAL: the padded repeats in the last batch are cut off, never counted twice.
+        return DALIGenericIterator([pipe], ["images", "positions"], reader_name=READER,
+                                   last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+
+    def close(self) -> None:
+        self._iterator = None

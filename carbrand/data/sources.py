@@ -1,0 +1,118 @@
+"""Find out what a source directory is and list its images as (path, brand, given split).
+
+Three kinds of source:
+
+    imagefolder       root/<brand>/**/*.jpg                   no split given
+    imagefolder       root/{train,val,test}/<brand>/**/*.jpg  split given by the folders
+    stanford-cars     the devkit .mat files (see carbrand.data.stanford_cars)
+
+Files with an unknown extension and hidden files (.DS_Store) are listed as skipped,
+never silently dropped; files are not opened here (verification decodes them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from carbrand.errors import DataError, UsageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SPLIT_FOLDERS = ("train", "val", "test")
+FORMATS = ("auto", "imagefolder", "stanford-cars")
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    path: Path  # absolute path of the image file
+    brand: str
+    given_split: str | None = None  # "train"/"val"/"test" when the source already fixes it
+    box: tuple[int, int, int, int] | None = None  # x1, y1, x2, y2 (1-based, inclusive), Stanford Cars only
+
+
+@dataclass
+class Source:
+    format: str  # "imagefolder" or "stanford-cars"
+    root: Path  # image paths are reported relative to this
+    items: list[SourceItem]
+    skipped: list[dict[str, str]] = field(default_factory=list)  # [{path, reason}] of files that are not images
+    layout: str = "flat"  # "flat" (root/<brand>), "split" (root/<split>/<brand>) or "devkit"
+
+
+def is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def detect_format(source: Path) -> str:
+    from carbrand.data.stanford_cars import find_devkit
+
+    if find_devkit(source) is not None:
+        return "stanford-cars"
+    return "imagefolder"
+
+
+def discover(source: Path, format: str, images: Path | None, exclude: Path | None) -> Source:
+    """List the source's images; `exclude` (the output directory) is never scanned."""
+    if format not in FORMATS:
+        raise UsageError(f"--format {format!r} is not one of: {', '.join(FORMATS)}")
+    if not source.exists():
+        raise DataError(f"source not found: {source}")
+    if not source.is_dir():
+        raise DataError(f"source must be a directory: {source}")
+    if format == "auto":
+        format = detect_format(source)
+    if format == "stanford-cars":
+        from carbrand.data.stanford_cars import discover_stanford_cars
+
+        return discover_stanford_cars(source, images)
+    if images is not None:
+        raise UsageError("--images is only for --format stanford-cars (an image folder holds its own images)")
+    return discover_imagefolder(source, exclude)
+
+
+def discover_imagefolder(root: Path, exclude: Path | None = None) -> Source:
+    top_folders = sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p) and p != exclude)
+    split_names = {p.name.lower() for p in top_folders}
+    # A tree is "already split" when every top folder is a split name and train is among them.
+    if top_folders and split_names <= set(SPLIT_FOLDERS) and "train" in split_names:
+        items, skipped = [], []
+        for split_folder in top_folders:
+            found, ignored = _list_brand_folders(root, split_folder, split_folder.name.lower(), exclude)
+            items += found
+            skipped += ignored
+        skipped += _loose_files(root, root)
+        return Source(format="imagefolder", root=root, items=items, skipped=skipped, layout="split")
+    items, skipped = _list_brand_folders(root, root, None, exclude)
+    return Source(format="imagefolder", root=root, items=items, skipped=skipped, layout="flat")
+
+
+def _list_brand_folders(root: Path, parent: Path, split: str | None, exclude: Path | None) -> tuple[list[SourceItem], list[dict[str, str]]]:
+    items: list[SourceItem] = []
+    skipped = _loose_files(root, parent)
+    for brand_folder in sorted(p for p in parent.iterdir() if p.is_dir() and not _hidden(p) and p != exclude):
+        for path in sorted(brand_folder.rglob("*")):
+            if exclude is not None and exclude in path.parents:
+                continue
+            if not path.is_file():
+                continue
+            relative = path.relative_to(root).as_posix()
+            if any(part.startswith(".") for part in path.relative_to(brand_folder).parts):
+                skipped.append({"path": relative, "reason": "hidden file"})
+            elif not is_image_name(path):
+                skipped.append({"path": relative, "reason": f"not an image extension ({', '.join(IMAGE_EXTENSIONS)})"})
+            else:
+                items.append(SourceItem(path=path, brand=brand_folder.name, given_split=split))
+    return items, skipped
+
+
+def _loose_files(root: Path, folder: Path) -> list[dict[str, str]]:
+    """Files lying next to the brand folders have no brand: report them, do not guess one."""
+    return [
+        {"path": p.relative_to(root).as_posix(), "reason": "not inside a brand folder"}
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+    ]
+
+
+def _hidden(path: Path) -> bool:
+    return path.name.startswith(".")

@@ -1,0 +1,210 @@
+"""The torchvision fallback loader (where DALI is not installed): PIL decode, same recipe.
+
+Workers return uint8 HWC crops; normalisation happens after the copy to the device, on
+the 0-255 scale with the same constants as DALI. That sends a quarter of the bytes of
+float32 across PCIe, and the NHWC batch permuted to NCHW is channels_last for free.
+
+Augmentation randomness is drawn per sample from (seed, rank, epoch, position in the
+epoch), not from each worker's global RNG: the crops do not depend on the number of
+workers, persistent workers need no re-seeding per epoch, and a run resumed mid-epoch
+gets exactly the crops the un-interrupted run would have had.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms.v2 import functional as F
+
+from carbrand.config import DataConfig
+from carbrand.data.manifest import Sample
+from carbrand.data.preprocessing import (
+    IMAGENET_MEAN_255,
+    IMAGENET_STD_255,
+    TRAIN_ASPECT_RATIO,
+    TRAIN_CROP_ATTEMPTS,
+    eval_crop_box,
+)
+from carbrand.data.sharding import eval_shard, train_batches_per_epoch, train_shard
+
+
+def load_rgb(path) -> Image.Image:
+    """Decode with EXIF orientation applied (as DALI's adjust_orientation does), as RGB."""
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def random_resized_crop_box(width: int, height: int, scale_min: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a RandomResizedCrop window, drawn from `rng`.
+
+    torchvision's algorithm, with an explicit generator instead of torch's global RNG.
+    """
+    area = width * height
+    log_ratio = (math.log(TRAIN_ASPECT_RATIO[0]), math.log(TRAIN_ASPECT_RATIO[1]))
+    for _ in range(TRAIN_CROP_ATTEMPTS):
+        target_area = area * rng.uniform(scale_min, 1.0)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    # No window fits: the largest centred one within the aspect-ratio range.
+    ratio = width / height
+    w, h = width, height
+    if ratio < TRAIN_ASPECT_RATIO[0]:
+        h = round(w / TRAIN_ASPECT_RATIO[0])
+    elif ratio > TRAIN_ASPECT_RATIO[1]:
+        w = round(h * TRAIN_ASPECT_RATIO[1])
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _hwc_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+
+
+class TrainDataset(Dataset):
+    """Keys are (sample index, entropy): the entropy seeds this sample's crop and flip."""
+
+    def __init__(self, samples: Sequence[Sample], image_size: int, crop_scale_min: float):
+        self.samples, self.image_size, self.crop_scale_min = samples, image_size, crop_scale_min
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, tuple[int, ...]]) -> tuple[torch.Tensor, int]:
+        index, entropy = key
+        sample = self.samples[index]
+        image = load_rgb(sample.path)
+        rng = np.random.default_rng(entropy)
+        top, left, h, w = random_resized_crop_box(image.width, image.height, self.crop_scale_min, rng)
+        image = F.resized_crop(image, top, left, h, w, [self.image_size, self.image_size],
+                               interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+        if rng.random() < 0.5:
+            image = F.horizontal_flip(image)
+        return _hwc_tensor(image), sample.label
+
+
+def eval_transform(image: Image.Image, image_size: int, crop_fraction: float) -> torch.Tensor:
+    """Centre crop for evaluation and prediction: uint8 HWC, image_size x image_size.
+
+    One antialiased bilinear resize of the exact source box (see preprocessing.eval_crop_box),
+    the same geometry as the DALI eval pipeline.
+    """
+    box = eval_crop_box(image.width, image.height, image_size, crop_fraction)
+    return _hwc_tensor(image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box))
+
+
+class EvalDataset(Dataset):
+    """Resize the shorter side to image_size / crop_fraction, centre-crop image_size."""
+
+    def __init__(self, samples: Sequence[Sample], image_size: int, crop_fraction: float):
+        self.samples, self.image_size, self.crop_fraction = samples, image_size, crop_fraction
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        sample = self.samples[index]
+        return eval_transform(load_rgb(sample.path), self.image_size, self.crop_fraction), sample.label, index
+
+
+class TrainSampler(Sampler):
+    """Yields (index, entropy) for this rank's remaining shard of the current epoch."""
+
+    def __init__(self, num_samples: int, *, rank: int, world_size: int, seed: int, batch_size: int):
+        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+        self.seed, self.batch_size = seed, batch_size
+        self.epoch, self.start_batch = 0, 0
+
+    def _order(self) -> np.ndarray:
+        return train_shard(self.num_samples, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                           world_size=self.world_size, batch_size=self.batch_size)
+
+    def __len__(self) -> int:
+        return len(self._order()) - self.start_batch * self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[int, tuple[int, ...]]]:
+        start = self.start_batch * self.batch_size
+        for position, index in enumerate(self._order()[start:], start=start):
+            yield int(index), (self.seed, self.rank, self.epoch, position)
+
+
+class _Output:
+    """uint8 NHWC batch -> normalised `dtype` NCHW on the device (channels_last if asked)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, channels_last: bool):
+        self.device, self.dtype, self.channels_last = device, dtype, channels_last
+        self.mean = torch.tensor(IMAGENET_MEAN_255, device=device).view(1, 3, 1, 1)
+        self.inverse_std = (1.0 / torch.tensor(IMAGENET_STD_255, device=device)).view(1, 3, 1, 1)
+
+    def images(self, batch: torch.Tensor) -> torch.Tensor:
+        images = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # channels_last view
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        # Normalise in float32 (one conversion that also sets the layout), then one cast.
+        images = images.to(torch.float32, memory_format=layout).sub_(self.mean).mul_(self.inverse_std)
+        return images.to(self.dtype)
+
+
+def _loader_args(data: DataConfig, device: torch.device) -> dict:
+    return {
+        "batch_size": data.batch_size,
+        "num_workers": data.workers,
+        "pin_memory": device.type == "cuda",
+        # Workers live across epochs (the sampler runs in the main process, so a new
+        # epoch's order still reaches them); no fork and re-import per epoch.
+        "persistent_workers": data.workers > 0,
+        "prefetch_factor": data.prefetch if data.workers > 0 else None,
+    }
+
+
+class TorchTrainLoader:
+    def __init__(self, data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int, seed: int,
+                 device: torch.device, dtype: torch.dtype, channels_last: bool):
+        self.batches_per_epoch = train_batches_per_epoch(len(samples), world_size=world_size, batch_size=data.batch_size)
+        self._sampler = TrainSampler(len(samples), rank=rank, world_size=world_size, seed=seed, batch_size=data.batch_size)
+        dataset = TrainDataset(samples, data.image_size, data.crop_scale_min)
+        self._loader = DataLoader(dataset, sampler=self._sampler, drop_last=True, **_loader_args(data, device))
+        self._output = _Output(device, dtype, channels_last)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch {start_batch} is not in 0..{self.batches_per_epoch}")
+        self._sampler.epoch, self._sampler.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self._sampler.start_batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self._loader:
+            yield self._output.images(images), labels.to(self._output.device, non_blocking=True)
+
+    def close(self) -> None:
+        self._loader = None  # drops the persistent workers' iterator, which shuts them down
+
+
+class TorchEvalLoader:
+    def __init__(self, data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int,
+                 device: torch.device, dtype: torch.dtype, channels_last: bool):
+        shard = eval_shard(len(samples), rank=rank, world_size=world_size)
+        self.num_samples = len(shard)
+        dataset = EvalDataset(samples, data.image_size, data.eval_crop_fraction)
+        # A plain list of indices as the sampler: in order, no padding, last batch partial.
+        self._loader = DataLoader(dataset, sampler=shard.tolist(), drop_last=False, **_loader_args(data, device))
+        self._output = _Output(device, dtype, channels_last)
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if not self.num_samples:
+            return
+        for images, labels, indices in self._loader:
+            yield self._output.images(images), labels.to(self._output.device, non_blocking=True), indices
+
+    def close(self) -> None:
+        self._loader = None

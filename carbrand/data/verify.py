@@ -1,0 +1,157 @@
+"""Decode every image once, in parallel, and say whether training may use it.
+
+Each worker reads the file's bytes (sha1 for exact duplicates), decodes the whole image
+with Pillow in strict mode (a truncated JPEG is an error, not a grey bottom half),
+applies the EXIF orientation (the size recorded is the size a viewer shows), and
+computes a 64-bit perceptual hash for near-duplicate search. With a crop box (Stanford
+Cars) it also writes the crop, so the image is still decoded only once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from tqdm import tqdm
+
+DEFAULT_MIN_SIDE = 64  # px; the smallest real photo in cars5 has a 113 px short side
+DEFAULT_MAX_PIXELS = 80_000_000  # below Pillow's own bomb warning (89.5 MP); larger is not a car photo
+EXIF_ORIENTATION = 0x0112
+ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # these swap width and height
+
+
+@dataclass(frozen=True)
+class Limits:
+    min_side: int = DEFAULT_MIN_SIDE  # reject images whose shorter side is below this
+    max_pixels: int = DEFAULT_MAX_PIXELS  # reject images with more pixels (decompression bombs)
+
+
+@dataclass(frozen=True)
+class VerifyTask:
+    path: Path
+    crop_box: tuple[int, int, int, int] | None = None  # 1-based inclusive x1, y1, x2, y2
+    crop_path: Path | None = None  # where the crop is written (JPEG)
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    path: Path
+    accepted: bool
+    reason: str = ""  # why it was rejected; empty when accepted
+    width: int = 0  # after EXIF orientation (and cropping, when cropped)
+    height: int = 0
+    sha1: str = ""
+    phash: int = 0  # 64-bit perceptual hash of the whole oriented image
+
+
+def check_image(task: VerifyTask, limits: Limits) -> ImageCheck:
+    try:
+        data = task.path.read_bytes()
+    except OSError as error:
+        return _reject(task, f"unreadable: {error.strerror or error}")
+    if not data:
+        return _reject(task, "empty file (0 bytes)")
+    sha1 = hashlib.sha1(data).hexdigest()
+    try:
+        return _decode(task, data, sha1, limits)
+    except Exception as error:  # any decoder failure means training would fail on this file too
+        return _reject(task, f"cannot decode: {type(error).__name__}: {error}", sha1)
+
+
+def _decode(task: VerifyTask, data: bytes, sha1: str, limits: Limits) -> ImageCheck:
+    import imagehash
+    from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+    # Strict decoding (Pillow's default, asserted because another module may have relaxed it
+    # in this worker's parent): a cut-off JPEG must be rejected, not padded with grey.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with warnings.catch_warnings():
+        # Our own max_pixels check below replaces Pillow's warning; its hard error still applies.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            return _reject(task, "not an image (Pillow cannot identify the content)", sha1)
+        except Image.DecompressionBombError as error:
+            return _reject(task, f"too many pixels (decompression bomb): {error}", sha1)
+        pixels = image.width * image.height
+        if pixels > limits.max_pixels:
+            return _reject(task, f"too many pixels: {image.width}x{image.height} > max_pixels {limits.max_pixels}", sha1)
+        try:
+            image.load()  # the full decode; header-only checks miss truncated files
+        except OSError as error:
+            reason = "truncated image" if "truncated" in str(error).lower() else f"cannot decode: {error}"
+            return _reject(task, reason, sha1)
+    oriented = ImageOps.exif_transpose(image)
+    width, height = oriented.size
+    if min(width, height) < limits.min_side:
+        return _reject(task, f"too small: {width}x{height}, short side below min_side {limits.min_side}", sha1)
+    phash = int(str(imagehash.phash(oriented)), 16)
+    if task.crop_box is not None:
+        width, height = _write_crop(image, task, limits)
+        if min(width, height) < limits.min_side:
+            return _reject(task, f"crop too small: {width}x{height}, short side below min_side {limits.min_side}", sha1)
+    return ImageCheck(path=task.path, accepted=True, width=width, height=height, sha1=sha1, phash=phash)
+
+
+def _write_crop(image, task: VerifyTask, limits: Limits) -> tuple[int, int]:
+    from PIL import ImageOps
+
+    # Boxes were drawn on the stored pixels, so crop before applying the EXIF orientation.
+    x1, y1, x2, y2 = task.crop_box
+    left, top = max(0, x1 - 1), max(0, y1 - 1)
+    right, bottom = min(image.width, x2), min(image.height, y2)
+    if right <= left or bottom <= top:
+        return 0, 0
+    crop = ImageOps.exif_transpose(image.crop((left, top, right, bottom))).convert("RGB")
+    task.crop_path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = task.crop_path.with_name(task.crop_path.name + f".{os.getpid()}.tmp")
+    crop.save(temporary, format="JPEG", quality=95)
+    os.replace(temporary, task.crop_path)
+    return crop.size
+
+
+def _reject(task: VerifyTask, reason: str, sha1: str = "") -> ImageCheck:
+    return ImageCheck(path=task.path, accepted=False, reason=reason, sha1=sha1)
+
+
+@dataclass
+class VerifyResult:
+    checks: list[ImageCheck]  # in the order of the tasks
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.checks) / self.seconds if self.seconds > 0 else 0.0
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def verify_images(tasks: list[VerifyTask], limits: Limits, workers: int | None = None, progress: bool = True) -> VerifyResult:
+    """Check every task across `workers` processes, with a progress bar on stderr."""
+    workers = max(1, min(workers or default_workers(), len(tasks) or 1))
+    # Chunks amortise the inter-process traffic but stay small enough to balance the load.
+    chunksize = max(1, min(64, len(tasks) // (workers * 8)))
+    check = partial(check_image, limits=limits)
+    start = time.perf_counter()
+    with tqdm(total=len(tasks), desc="verify", unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+        # Always worker processes, even for one: they own Pillow's strict-decoding switch, so
+        # the calling process's Pillow settings are never changed.
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            checks = [_advance(bar, result) for result in pool.map(check, tasks, chunksize=chunksize)]
+    return VerifyResult(checks=checks, seconds=time.perf_counter() - start)
+
+
+def _advance(bar: tqdm, result: ImageCheck) -> ImageCheck:
+    bar.update(1)
+    return result

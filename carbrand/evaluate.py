@@ -1,0 +1,269 @@
+"""Evaluate an exported brand classifier on a prepared dataset split (or a raw image folder).
+
+    accelerate launch carbrand/evaluate.py --checkpoint runs/cars/best --data prepared/cars --split test
+    accelerate launch --multi_gpu --num_processes 8 carbrand/evaluate.py --checkpoint runs/cars/best --data prepared/cars
+    torchrun --nproc-per-node 8 carbrand/evaluate.py --checkpoint runs/cars/best --data prepared/cars
+    python -m carbrand.evaluate --checkpoint runs/cars/best --data photos/   # raw root/<brand>/*.jpg: all of it is the split
+    carbrand evaluate --checkpoint runs/cars/best --data prepared/cars --split val --tta-flip
+
+Each process predicts its shard (samples rank, rank + world_size, ...); the main process
+gathers one small record per image, checks that every image was counted exactly once,
+and writes OUT (default: next to the checkpoint, RUN/eval_<split> for RUN/best and
+RUN/.../eval_<name>_<split> for any other export): metrics.json, per_class.csv,
+confusion_matrix.png, misclassified.csv, predictions.csv (see evaluation_report.py).
+
+Brands are matched by name between the dataset's classes.json and the export's. A split
+holding only some of the model's brands is fine; a brand the model does not know is an
+error, or with `--unknown-brands report` its images are reported apart (how many, what
+the model called them) and left out of the metrics.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a file (accelerate launch / torchrun carbrand/evaluate.py)
+    _here = Path(__file__).resolve().parent
+    # The script's own folder would shadow top-level modules (config, metrics, ...): use the repo root.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+import argparse
+import dataclasses
+import math
+import shutil
+import tempfile
+import time
+
+import torch
+
+from carbrand.checkpoint import load_export_model
+from carbrand.errors import CarbrandError, DataError, UsageError
+from carbrand.inference import PRECISIONS, input_dtype, place_model, predict_batches, resolve_precision
+
+UNKNOWN_BRAND_MODES = ("error", "report")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True, help="an export directory (RUN/best): model.safetensors, classes.json, config.yaml")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="prepared dataset (carbrand prepare --out) or a raw image-folder tree, verified on the fly with prepare's rules")
+    parser.add_argument("--split", default="test", help="split to evaluate (default: test; a flat raw folder is all of it)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory, replaced as a whole (default: RUN/eval_<split> for RUN/best, else <checkpoint>/../eval_<name>_<split>)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per process per batch (default: the export's data.batch_size)")
+    parser.add_argument("--workers", type=int, default=None, help="loader threads/processes (default: the export's data.workers)")
+    parser.add_argument("--loader", choices=("auto", "dali", "torchvision"), default=None, help="image loader (default: the export's data.loader)")
+    parser.add_argument("--decode", choices=("auto", "gpu", "cpu"), default=None, help="DALI decode device (default: the export's data.decode)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="autocast dtype (default: auto = the training precision on a GPU, fp32 on the CPU)")
+    parser.add_argument("--topk", type=int, default=5, help="k of top-k accuracy (default: 5, capped at the number of brands)")
+    parser.add_argument("--tta-flip", action="store_true", help="average the softmax of each image and its mirror image")
+    parser.add_argument("--unknown-brands", choices=UNKNOWN_BRAND_MODES, default="error",
+                        help="a split brand the model does not know: error (default) or report its images apart, outside the metrics")
+    parser.add_argument("--wandb-mode", choices=("online", "offline", "disabled"), default=None,
+                        help="W&B mode (default: the export's wandb.mode; WANDB_MODE overrides)")
+
+
+def default_out_dir(checkpoint: Path, split: str) -> Path:
+    checkpoint = checkpoint.resolve()
+    name = f"eval_{split}" if checkpoint.name == "best" else f"eval_{checkpoint.name}_{split}"
+    return checkpoint.parent / name
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be a positive integer; got {args.batch_size}")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be >= 0; got {args.workers}")
+    if args.topk < 1:
+        raise UsageError(f"--topk must be at least 1; got {args.topk}")
+    if not args.data.exists():
+        raise DataError(f"data not found: {args.data}")
+    if not args.data.is_dir():
+        raise DataError(f"--data {args.data} is not a directory (a prepared dataset or an image-folder tree)")
+
+
+def open_split(data: Path, split: str, workers: int | None, scratch: Path):
+    """(classes, samples) of `split`: from a prepared dataset, or a raw tree prepared into `scratch`.
+
+    A raw flat tree (root/<brand>/*) is verified with prepare's rules and all of it is the
+    split; a raw split tree (root/test/<brand>/*) gives its own `split` folder.
+    """
+    from carbrand.data.manifest import SPLITS, load_prepared
+
+    if (data / "manifest.json").is_file():
+        dataset = load_prepared(data)
+        if split not in SPLITS:
+            raise DataError(f"no split '{split}' (splits: {', '.join(SPLITS)})")
+        samples = dataset.split(split)
+        if not samples:
+            raise DataError(f"{data}: split '{split}' is empty (have: {', '.join(n for n, s in dataset.splits.items() if s) or 'none'})")
+        return dataset.classes, samples, "prepared"
+    from carbrand.data.prepare import prepare_dataset
+
+    # No val carved out, no leaked copy dropped, no near-duplicate search: every accepted image is evaluated.
+    summary = prepare_dataset(data, scratch, quiet=True, val_frac=0.0, test_frac=0.0, keep_leaked=True,
+                              near_duplicate_distance=-1, workers=workers or None)
+    dataset = load_prepared(scratch)
+    rejected = len(summary.rejected)
+    if rejected:
+        print(f"carbrand evaluate: warning: {rejected} file(s) under {data} rejected, e.g. "
+              f"{summary.rejected[0]['path']}: {summary.rejected[0]['reason']}", file=sys.stderr)
+    if summary.manifest.get("layout") == "flat":
+        samples = [s for name in SPLITS for s in dataset.splits.get(name, [])]
+    else:
+        if split not in SPLITS:
+            raise DataError(f"no split '{split}' (splits: {', '.join(SPLITS)})")
+        samples = dataset.splits.get(split, [])
+        if not samples:
+            raise DataError(f"{data}: the image-folder tree has no '{split}' images (folders: {', '.join(n for n, s in dataset.splits.items() if s)})")
+    return dataset.classes, samples, f"raw {summary.manifest.get('layout')} image folder"
+
+
+def match_brands(data_classes: list[str], model_classes: list[str], samples, mode: str) -> list[int]:
+    """Model label of each sample, by brand name; -1 for a brand the model does not know (report mode)."""
+    model_label = {name: index for index, name in enumerate(model_classes)}
+    unknown = sorted({s.brand for s in samples} - set(model_label))
+    if unknown and mode == "error":
+        raise DataError(
+            f"brand(s) {', '.join(repr(b) for b in unknown)} in the data are unknown to the model "
+            f"(it knows {len(model_classes)}: {', '.join(model_classes[:10])}{', ...' if len(model_classes) > 10 else ''}); "
+            f"use --unknown-brands report to evaluate the rest and report these apart"
+        )
+    return [model_label.get(s.brand, -1) for s in samples]
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    check_arguments(args)
+    model, export = load_export_model(args.checkpoint)
+    out = (args.out or default_out_dir(args.checkpoint, args.split)).resolve()
+    if out == export.directory.resolve():
+        raise UsageError(f"--out {out} is the checkpoint itself: choose another directory")
+    from carbrand import evaluation_report as report
+
+    report.check_output_directory(out)  # before any work: OUT is replaced as a whole at the end
+
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    from carbrand.data.loaders import build_eval_loader, resolve_backend
+
+    scratch = Path(tempfile.mkdtemp(prefix="carbrand-eval-data-"))
+    loader = tracker = None
+    try:
+        data_classes, samples, data_kind = open_split(args.data, args.split, args.workers, scratch)
+        targets = match_brands(data_classes, export.classes, samples, args.unknown_brands)
+        if all(target < 0 for target in targets):
+            raise DataError(f"none of the {len(samples)} images in split '{args.split}' is of a brand the model knows")
+        top_k = min(args.topk, len(export.classes))
+
+        overrides = {key: value for key, value in (("batch_size", args.batch_size), ("workers", args.workers),
+                                                    ("loader", args.loader), ("decode", args.decode)) if value is not None}
+        data_config = dataclasses.replace(export.config.data, manifest=str(args.data), **overrides)
+        # cpu=True is what makes Accelerate form a gloo group under torchrun on a machine without GPUs
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        device = accelerator.device
+        backend, decode = resolve_backend(data_config, device)
+        precision = resolve_precision(args.precision, export.config.train.precision, device)
+        channels_last = export.config.train.channels_last
+        model = place_model(model, device, channels_last)
+        loader = build_eval_loader(data_config, samples, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                   device=device, dtype=input_dtype(precision), channels_last=channels_last)
+        predictions = predict_batches(model, loader, num_classes=len(export.classes), precision=precision, tta_flip=args.tta_flip)
+        assert len(predictions) == loader.num_samples, f"rank {accelerator.process_index} predicted {len(predictions)} of {loader.num_samples} samples"
+
+        records = shard_records(predictions, targets, top_k)
+        gathered = gather_object(records)  # every rank's records, in rank order, on every rank
+        if accelerator.is_main_process:
+            indices = sorted(r.index for r in gathered)
+            assert indices == list(range(len(samples))), (
+                f"gathered {len(indices)} records for {len(samples)} samples: some image was dropped or counted twice")
+            scored = [report.ScoredSample(path=str(samples[r.index].path), true_brand=samples[r.index].brand,
+                                          target=targets[r.index], record=r) for r in gathered]
+            metrics, _ = report.build_metrics(scored, export.classes, top_k)
+            metrics = {
+                "checkpoint": str(export.directory.resolve()),
+                "data": str(args.data.resolve()),
+                "data_kind": data_kind,
+                "split": args.split,
+                "split_samples": len(samples),
+                "world_size": accelerator.num_processes,
+                "loader": backend,
+                "decode": decode,
+                "precision": precision,
+                "tta_flip": args.tta_flip,
+                "batch_size": data_config.batch_size,
+                "arch": export.config.model.arch,
+                "image_size": data_config.image_size,
+                **metrics,
+                "unknown_brands": report.unknown_brand_report(scored, export.classes),
+            }
+            metrics["seconds"] = round(time.perf_counter() - started, 3)
+            report.write_outputs(out, metrics, scored, export.classes)
+            print(report.format_summary(metrics))
+            print(f"wrote {out}")
+            try:  # the results are on disk already: W&B trouble is a warning, never a failed evaluation
+                tracker = start_tracker(out, export.config, args.wandb_mode)
+                if tracker is not None:
+                    report.log_to_wandb(tracker, metrics, out, scored, export.classes)
+            except Exception as error:
+                print(f"carbrand evaluate: warning: W&B logging failed ({type(error).__name__}: {error}); "
+                      f"the results are in {out}", file=sys.stderr)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()  # destroys the process group
+    finally:
+        if loader is not None:
+            loader.close()
+        if tracker is not None:
+            tracker.finish()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+def shard_records(predictions, targets: list[int], top_k: int) -> list:
+    """One picklable record per image of this rank's shard (a few numbers, never the full probability vector)."""
+    from carbrand.evaluation_report import SampleRecord
+
+    top = predictions.probabilities.topk(top_k, dim=1)
+    confidence, predicted = top.values[:, 0], top.indices[:, 0]
+    records = []
+    for row, index in enumerate(predictions.indices.tolist()):
+        target = targets[index]
+        true_probability = float(predictions.probabilities[row, target]) if target >= 0 else math.nan
+        records.append(SampleRecord(index=index, predicted=int(predicted[row]), confidence=float(confidence[row]),
+                                    true_probability=true_probability, topk=tuple(top.indices[row].tolist()),
+                                    topk_probabilities=tuple(top.values[row].tolist())))
+    return records
+
+
+def start_tracker(out: Path, config, wandb_mode: str | None):
+    """A W&B run of job_type evaluate in OUT, unless the effective mode is disabled."""
+    import os
+
+    from carbrand.tracking import Tracker
+
+    config = dataclasses.replace(config, wandb=dataclasses.replace(config.wandb, mode=wandb_mode or config.wandb.mode))
+    if os.environ.get("WANDB_MODE", config.wandb.mode) == "disabled":
+        return None
+    return Tracker(out, config, is_main=True, job_type="evaluate", metrics_file="eval_metrics.jsonl")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="carbrand evaluate", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except CarbrandError as error:
+        print(f"carbrand evaluate: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("carbrand evaluate: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Which brand is this? The top-k brands of image files, folders of them, or PIL images.
+
+    carbrand predict --checkpoint runs/cars/best photo.jpg                # photo.jpg: audi 0.91, bmw 0.05, mercedes 0.02
+    carbrand predict --checkpoint runs/cars/best photos/ --topk 5         # folders are scanned recursively
+    carbrand predict --checkpoint runs/cars/best photos/ --json > out.json
+    python -m carbrand.predict --checkpoint runs/cars/best photo.jpg
+
+    from carbrand.predict import Predictor
+    predictor = Predictor.from_checkpoint("runs/cars/best")
+    best = predictor.predict(["photo.jpg"], topk=3)[0]    # best.brand, best.probability, best.topk
+
+Preprocessing is the evaluator's torchvision path (torch_loader.eval_transform): EXIF
+orientation applied, the centre crop of image_size / eval_crop_fraction resized to
+image_size, ImageNet normalisation. Runs on the GPU when there is one, else the CPU. A file that cannot be
+read or decoded gets an error line on stderr; the others are still predicted, and the
+exit code is 1 if anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from carbrand.checkpoint import load_export_model
+from carbrand.config import Config
+from carbrand.data.preprocessing import IMAGENET_MEAN_255, IMAGENET_STD_255
+from carbrand.data.sources import IMAGE_EXTENSIONS
+from carbrand.data.torch_loader import eval_transform
+from carbrand.errors import CarbrandError, DataError, UsageError
+from carbrand.inference import PRECISIONS, classify, place_model, resolve_precision
+
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class BrandProbability:
+    brand: str
+    probability: float
+
+
+@dataclass
+class Prediction:
+    source: str  # the path as given, or "<image N>" for an in-memory PIL image
+    topk: list[BrandProbability] = field(default_factory=list)  # most probable first
+
+    @property
+    def brand(self) -> str:
+        return self.topk[0].brand
+
+    @property
+    def probability(self) -> float:
+        return self.topk[0].probability
+
+    def to_dict(self) -> dict:
+        return {"path": self.source, "topk": [{"brand": b.brand, "probability": b.probability} for b in self.topk]}
+
+
+def load_image(path: Path) -> Image.Image:
+    """Fully decoded RGB with EXIF orientation applied; a DataError naming the file otherwise."""
+    try:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: empty file (0 bytes)")
+        with Image.open(path) as image:
+            image.load()  # the full decode: a truncated file fails here, not half-grey later
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image (Pillow cannot identify the content)") from None
+    except Exception as error:  # truncated data, decompression bomb, permission denied, ...
+        raise DataError(f"{path}: cannot decode: {type(error).__name__}: {error}") from None
+
+
+class Predictor:
+    """An exported classifier plus the eval preprocessing, ready for files or PIL images."""
+
+    def __init__(self, model: torch.nn.Module, classes: list[str], config: Config, device: torch.device | str | None = None,
+                 precision: str = "auto"):
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.classes = classes
+        self.image_size = config.data.image_size
+        self.crop_fraction = config.data.eval_crop_fraction
+        self.channels_last = config.train.channels_last
+        self.precision = resolve_precision(precision, config.train.precision, self.device)
+        self.model = place_model(model, self.device, self.channels_last)
+        self.mean = torch.tensor(IMAGENET_MEAN_255, device=self.device).view(1, 3, 1, 1)
+        self.inverse_std = (1.0 / torch.tensor(IMAGENET_STD_255, device=self.device)).view(1, 3, 1, 1)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, device: torch.device | str | None = None, precision: str = "auto") -> Predictor:
+        model, export = load_export_model(directory)
+        return cls(model, export.classes, export.config, device=device, precision=precision)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """uint8 HWC crop, exactly as the torchvision eval loader makes it."""
+        return eval_transform(image, self.image_size, self.crop_fraction)
+
+    def predict(self, inputs, topk: int = 3, batch_size: int = DEFAULT_BATCH_SIZE) -> list[Prediction]:
+        """Top-k brands of each input (path or PIL image), in input order; an unreadable file raises DataError."""
+        if isinstance(inputs, (str, Path, Image.Image)):
+            inputs = [inputs]
+        crops, sources = [], []
+        for number, item in enumerate(inputs):
+            if isinstance(item, Image.Image):
+                image, source = ImageOps.exif_transpose(item).convert("RGB"), f"<image {number}>"
+            else:
+                image, source = load_image(Path(item)), str(item)
+            crops.append(self.preprocess(image))
+            sources.append(source)
+        return self.predict_crops(crops, sources, topk=topk, batch_size=batch_size)
+
+    def predict_crops(self, crops: list[torch.Tensor], sources: list[str], topk: int = 3,
+                      batch_size: int = DEFAULT_BATCH_SIZE) -> list[Prediction]:
+        if topk < 1:
+            raise UsageError(f"--topk must be at least 1; got {topk}")
+        topk = min(topk, len(self.classes))
+        predictions = []
+        for start in range(0, len(crops), batch_size):
+            batch = torch.stack(crops[start:start + batch_size]).to(self.device)
+            images = batch.permute(0, 3, 1, 2).float()  # NHWC storage viewed as NCHW: channels_last already
+            images = images.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+            images = (images - self.mean) * self.inverse_std  # as the eval loaders normalise
+            _, probabilities = classify(self.model, images, precision=self.precision)
+            top = probabilities.topk(topk, dim=1)
+            for row, source in enumerate(sources[start:start + batch_size]):
+                predictions.append(Prediction(source, [
+                    BrandProbability(self.classes[label], float(probability))
+                    for label, probability in zip(top.indices[row].tolist(), top.values[row].tolist())
+                ]))
+        return predictions
+
+
+def image_files(paths: list[Path]) -> tuple[list[Path], list[dict[str, str]]]:
+    """Files as given plus the images inside folders (recursively, sorted); errors for missing paths."""
+    files, errors = [], []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                errors.append({"path": str(path), "error": f"no images in this folder (looked for {', '.join(IMAGE_EXTENSIONS)})"})
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            errors.append({"path": str(path), "error": "no such file or directory"})
+    return files, errors
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True, help="an export directory (RUN/best)")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files and/or folders (scanned recursively)")
+    parser.add_argument("--topk", type=int, default=3, help="brands shown per image (default: 3)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document {checkpoint, predictions, errors} instead of lines")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="autocast dtype (default: auto = the training precision on a GPU, fp32 on the CPU)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.topk < 1:
+        raise UsageError(f"--topk must be at least 1; got {args.topk}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be a positive integer; got {args.batch_size}")
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision)
+    files, errors = image_files(args.paths)
+    crops, sources = [], []
+    for path in files:
+        try:
+            crops.append(predictor.preprocess(load_image(path)))
+            sources.append(str(path))
+        except DataError as error:
+            errors.append({"path": str(path), "error": str(error).removeprefix(f"{path}: ")})
+    predictions = predictor.predict_crops(crops, sources, topk=args.topk, batch_size=args.batch_size)
+    for error in errors:
+        print(f"carbrand predict: error: {error['path']}: {error['error']}", file=sys.stderr)
+    if args.json:
+        document = {"checkpoint": str(Path(args.checkpoint).resolve()),
+                    "predictions": [p.to_dict() for p in predictions], "errors": errors}
+        print(json.dumps(document, indent=2, ensure_ascii=False))
+    else:
+        for p in predictions:
+            print(f"{p.source}: " + ", ".join(f"{b.brand} {b.probability:.2f}" for b in p.topk))
+    return 1 if errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="carbrand predict", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except CarbrandError as error:
+        print(f"carbrand predict: error: {error}", file=sys.stderr)
+        return error.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

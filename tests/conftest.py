@@ -1,0 +1,37 @@
+"""Shared fixtures: the real test photos live in ../shared beside the repository, never inside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def cars5_dir() -> Path:
+    """400 real photos: train/<brand>/ (60 each) and test/<brand>/ (20 each), 5 brands."""
+    path = SHARED_DATA / "cars5"
+    if not path.is_dir():
+        pytest.fail(f"test photos missing: {path} (clone the repository next to shared/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def devkit_dir() -> Path:
+    """The real Stanford Cars annotation files (cars_meta.mat, cars_train_annos.mat, cars_test_annos.mat)."""
+    path = SHARED_DATA / "stanford_cars_devkit"
+    if not path.is_dir():
+        pytest.fail(f"Stanford Cars devkit missing: {path} (clone the repository next to shared/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared_cars5(cars5_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """cars5 prepared with the defaults (seed 0): the output folder holding manifest.json."""
+    from carbrand.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("prepared_cars5")
+    prepare_dataset(cars5_dir, out, quiet=True)
+    return out

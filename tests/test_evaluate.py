@@ -1,0 +1,304 @@
+"""The evaluator on real cars5 photos: 1 and 2 processes, brand matching by name, raw folders, bad inputs.
+
+The export is made here (not by the trainer): a resnet18 at 32 px whose BatchNorm statistics
+and head are fitted to cars5's training photos in one forward pass, so its predictions are
+above chance but far from perfect — there are mistakes to count.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from carbrand.checkpoint import plain_state_dict, save_export
+from carbrand.config import load_config
+from carbrand.model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+EVALUATE = REPO / "carbrand" / "evaluate.py"
+CARS5 = ["audi", "bmw", "ferrari", "lamborghini", "mercedes"]
+
+
+def export_config(arch: str = "resnet18", image_size: int = 32):
+    return load_config(None, [f"model.arch={arch}", f"data.image_size={image_size}", "data.batch_size=16",
+                              "data.workers=1", "wandb.mode=disabled"])
+
+
+def fit_export(directory: Path, prepared: Path) -> Path:
+    """BatchNorm statistics and a logistic-regression head from one pass over the training split."""
+    from carbrand.data.loaders import build_eval_loader
+    from carbrand.data.manifest import load_prepared
+
+    dataset = load_prepared(prepared)
+    config = export_config()
+    torch.manual_seed(0)
+    model = build_model("resnet18", len(dataset.classes))
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average over the pass
+    backbone = torch.nn.Sequential(*list(model.children())[:-1], torch.nn.Flatten())
+    subset = dataset.split("train")[::3]  # every brand, a third of the photos: enough for above chance
+    loader = build_eval_loader(config.data, subset, rank=0, world_size=1, device=torch.device("cpu"),
+                               dtype=torch.float32, channels_last=False)
+    features, labels = [], []
+    with torch.no_grad():
+        model.train()
+        for images, batch_labels, _ in loader:
+            features.append(backbone(images))
+            labels.append(batch_labels)
+    loader.close()
+    features, labels = torch.cat(features), torch.cat(labels)
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    head = torch.nn.Linear(features.shape[1], len(dataset.classes))
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.01, weight_decay=1e-2)
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(head((features - mean) / std), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():  # fold the standardisation into the head: W((f - mean) / std) + b
+        model.fc.weight.copy_(head.weight / std)
+        model.fc.bias.copy_(head.bias - (head.weight * mean / std).sum(dim=1))
+    return save_export(directory, plain_state_dict(model.eval()), dataset.classes, config)
+
+
+@pytest.fixture(scope="module")
+def fitted_export(prepared_cars5: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fit_export(tmp_path_factory.mktemp("run") / "best", prepared_cars5)
+
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """In-process runs create an Accelerator; forget its singleton state afterwards."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+
+
+def subprocess_environment() -> dict[str, str]:
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def evaluate_in_process(*args: str) -> int:
+    from carbrand import evaluate
+
+    return evaluate.main([str(a) for a in args])
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def read_outputs(out: Path) -> tuple[dict, list[dict[str, str]]]:
+    return json.loads((out / "metrics.json").read_text()), read_csv(out / "predictions.csv")
+
+
+def check_against_sklearn(metrics: dict, rows: list[dict[str, str]], classes: list[str]) -> None:
+    """metrics.json agrees with scikit-learn run on the per-sample predictions the evaluator wrote."""
+    known = [r for r in rows if r["known"] == "1"]
+    truth = [r["true_brand"] for r in known]
+    predicted = [r["predicted_brand"] for r in known]
+    assert metrics["samples"] == len(known)
+    assert metrics["accuracy"] == pytest.approx(skm.accuracy_score(truth, predicted), abs=1e-9)
+    for average in ("macro", "weighted"):
+        precision, recall, f1, _ = skm.precision_recall_fscore_support(truth, predicted, average=average, zero_division=0)
+        assert metrics[f"{average}_precision"] == pytest.approx(precision, abs=1e-9)
+        assert metrics[f"{average}_recall"] == pytest.approx(recall, abs=1e-9)
+        assert metrics[f"{average}_f1"] == pytest.approx(f1, abs=1e-9)
+    brands = metrics["confusion_matrix"]["brands"]
+    assert brands == [c for c in classes if c in set(truth) | set(predicted)]  # model order, present brands only
+    assert metrics["confusion_matrix"]["counts"] == skm.confusion_matrix(truth, predicted, labels=brands).tolist()
+    hits = [r["true_brand"] in json.loads(r["topk_brands"])[: metrics["top_k"]] for r in known]
+    assert metrics["top_k_accuracy"] == pytest.approx(sum(hits) / len(hits), abs=1e-9)
+    assert all(r["predicted_brand"] == json.loads(r["topk_brands"])[0] for r in rows)
+
+
+@pytest.fixture(scope="module")
+def cars5_runs(fitted_export, prepared_cars5, tmp_path_factory) -> dict:
+    """The cars5 test split evaluated by 1 process (file form) and by 2 over gloo (accelerate launch)."""
+    tmp_path = tmp_path_factory.mktemp("cars5_eval")
+    common = ["--checkpoint", fitted_export, "--data", prepared_cars5, "--split", "test"]
+    one = [sys.executable, EVALUATE, *common, "--out", tmp_path / "one", "--batch-size", "7"]  # 100 = 14 x 7 + 2
+    two = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           EVALUATE, *common, "--out", tmp_path / "two", "--batch-size", "9"]  # 50 per rank = 5 x 9 + 5
+    # Both at once: the machine has few cores and each run is mostly start-up.
+    runs = [subprocess.Popen([str(a) for a in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=subprocess_environment(), cwd=tmp_path) for command in (one, two)]
+    results = [(*run.communicate(timeout=300), run.returncode) for run in runs]
+    return {"dir": tmp_path, "one": tmp_path / "one", "two": tmp_path / "two", "results": results}
+
+
+def test_one_and_two_processes_count_every_image_once_and_agree(cars5_runs, prepared_cars5):
+    from carbrand.data.manifest import load_prepared
+
+    test_split = load_prepared(prepared_cars5).split("test")
+    tmp_path = cars5_runs["dir"]
+    for stdout, stderr, code in cars5_runs["results"]:
+        assert code == 0, stderr[-3000:]
+        assert stdout.count("wrote ") == 1  # only the main process prints the summary
+        assert "accuracy" in stdout and "lamborghini" in stdout
+
+    one_metrics, one_rows = read_outputs(tmp_path / "one")
+    two_metrics, two_rows = read_outputs(tmp_path / "two")
+    assert one_metrics["world_size"] == 1 and two_metrics["world_size"] == 2
+    for metrics, rows in ((one_metrics, one_rows), (two_metrics, two_rows)):
+        assert metrics["samples"] == metrics["split_samples"] == len(test_split) == 100
+        assert [int(r["index"]) for r in rows] == list(range(100))
+        assert [r["path"] for r in rows] == [str(s.path) for s in test_split]
+        check_against_sklearn(metrics, rows, CARS5)
+        assert 0.0 < metrics["accuracy"] < 1.0  # right and wrong answers both present
+        assert sum(v["predicted"] > 0 for v in metrics["per_class"].values()) >= 3  # not one brand for everything
+        mistakes = read_csv(tmp_path / ("one" if metrics is one_metrics else "two") / "misclassified.csv")
+        assert len(mistakes) == round(100 * (1 - metrics["accuracy"]))
+        assert all(m["true_brand"] != m["predicted_brand"] for m in mistakes)
+        assert [float(m["confidence"]) for m in mistakes] == sorted((float(m["confidence"]) for m in mistakes), reverse=True)
+
+    # The same numbers whatever the world size and batch size (floats up to summation order).
+    for key, value in one_metrics.items():
+        if key in ("world_size", "seconds", "batch_size"):
+            continue
+        if isinstance(value, float):
+            assert two_metrics[key] == pytest.approx(value, abs=1e-6), key
+        elif key != "calibration":
+            assert two_metrics[key] == value, key
+    assert [r["predicted_brand"] for r in one_rows] == [r["predicted_brand"] for r in two_rows]
+
+    out = tmp_path / "one"
+    per_class = read_csv(out / "per_class.csv")
+    assert [r["brand"] for r in per_class] == CARS5 and sum(int(r["support"]) for r in per_class) == 100
+    assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # no temporary directory left over
+
+
+def copy_photos(cars5_dir: Path, root: Path, picks: dict[str, tuple[str, str, int]]) -> Path:
+    """root/<brand>/ with `count` photos taken from cars5/<split>/<source brand>/."""
+    import shutil
+
+    for brand, (split, source, count) in picks.items():
+        (root / brand).mkdir(parents=True)
+        for photo in sorted((cars5_dir / split / source).iterdir())[:count]:
+            shutil.copy(photo, root / brand / photo.name)
+    return root
+
+
+def predictions_by_photo(rows: list[dict[str, str]]) -> dict[tuple[str, str], dict[str, str]]:
+    return {(r["true_brand"], Path(r["path"]).name): r for r in rows}
+
+
+def test_raw_folder_with_some_brands_matches_brands_by_name(cars5_runs, fitted_export, cars5_dir, tmp_path):
+    # 3 of the model's 5 brands: the data's labels 0,1,2 are the model's 1,3,4.
+    raw = copy_photos(cars5_dir, tmp_path / "raw", {b: ("test", b, 4) for b in ("bmw", "lamborghini", "mercedes")})
+    assert evaluate_in_process("--checkpoint", fitted_export, "--data", raw, "--out", tmp_path / "out", "--batch-size", "5") == 0
+    metrics, rows = read_outputs(tmp_path / "out")
+    assert metrics["split_samples"] == metrics["samples"] == 12 and metrics["data_kind"] == "raw flat image folder"
+    assert metrics["model_brands_not_in_data"] == ["audi", "ferrari"]
+    assert {b: v["support"] for b, v in metrics["per_class"].items() if v["support"]} == {"bmw": 4, "lamborghini": 4, "mercedes": 4}
+    check_against_sklearn(metrics, rows, CARS5)
+    # Each photo gets exactly the prediction and true-brand probability it got in the full 5-brand run:
+    # a label mapped by index instead of by name would change the true-brand probability.
+    reference = predictions_by_photo(read_outputs(cars5_runs["one"])[1])
+    for key, row in predictions_by_photo(rows).items():
+        assert row["predicted_brand"] == reference[key]["predicted_brand"]
+        assert float(row["true_brand_probability"]) == pytest.approx(float(reference[key]["true_brand_probability"]), abs=1e-5)
+
+
+def test_unknown_brand_is_an_error_or_reported_apart(fitted_export, cars5_dir, tmp_path, capsys, monkeypatch):
+    raw = copy_photos(cars5_dir, tmp_path / "raw", {"bmw": ("test", "bmw", 3), "mercedes": ("test", "mercedes", 3),
+                                                    "tesla": ("train", "audi", 3)})
+    out = tmp_path / "out"
+    assert evaluate_in_process("--checkpoint", fitted_export, "--data", raw, "--out", out) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "'tesla'" in error and "--unknown-brands report" in error
+    assert not out.exists()
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert evaluate_in_process("--checkpoint", fitted_export, "--data", raw, "--out", out, "--unknown-brands", "report",
+                               "--wandb-mode", "offline", "--tta-flip", "--topk", "2") == 0
+    console = capsys.readouterr().out
+    assert "3 images of brand 'tesla' the model does not know" in console
+    metrics, rows = read_outputs(out)
+    assert metrics["split_samples"] == 9 and metrics["samples"] == 6 and metrics["tta_flip"] and metrics["top_k"] == 2
+    unknown = metrics["unknown_brands"]
+    assert unknown["samples"] == 3 and list(unknown["brands"]) == ["tesla"]
+    assert sum(unknown["brands"]["tesla"]["predicted"].values()) == 3
+    assert set(unknown["brands"]["tesla"]["predicted"]) <= set(CARS5)
+    assert sorted(r["known"] for r in rows) == ["0"] * 3 + ["1"] * 6
+    check_against_sklearn(metrics, rows, CARS5)  # metrics over the 6 known-brand photos only
+    assert "tesla" not in metrics["per_class"]
+    assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run was written"
+
+
+def test_raw_split_tree_gives_the_prepared_results(cars5_runs, fitted_export, cars5_dir, tmp_path):
+    # cars5 itself is root/train|test/<brand>: verified on the fly, its own test folder is the split.
+    assert evaluate_in_process("--checkpoint", fitted_export, "--data", cars5_dir, "--split", "test",
+                               "--out", tmp_path / "out", "--batch-size", "16") == 0
+    metrics, rows = read_outputs(tmp_path / "out")
+    reference, reference_rows = read_outputs(cars5_runs["one"])
+    assert metrics["samples"] == 100 and metrics["data_kind"] == "raw split image folder"
+    assert [r["path"] for r in rows] == [r["path"] for r in reference_rows]
+    assert metrics["confusion_matrix"]["counts"] == reference["confusion_matrix"]["counts"]
+    assert metrics["accuracy"] == reference["accuracy"]
+
+
+def write_export(directory: Path, *, classes: list[str], arch_in_config: str = "resnet18", weights_arch: str = "resnet18",
+                 weights_classes: int | None = None) -> Path:
+    model = build_model(weights_arch, weights_classes or len(classes))
+    return save_export(directory, plain_state_dict(model), classes, export_config(arch_in_config))
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "not an export", "more brands than weights",
+                                  "other architecture", "missing data", "missing split", "bad topk", "out holds other files"])
+def test_bad_inputs_fail_with_one_line_and_write_nothing(case, fitted_export, prepared_cars5, tmp_path, capsys):
+    checkpoint, data, extra = fitted_export, prepared_cars5, []
+    if case == "missing checkpoint":
+        checkpoint = tmp_path / "runs" / "nothing" / "best"
+    elif case == "not an export":
+        checkpoint = tmp_path / "plain"
+        checkpoint.mkdir()
+        (checkpoint / "notes.txt").write_text("hello\n")
+    elif case == "more brands than weights":
+        checkpoint = write_export(tmp_path / "six", classes=CARS5 + ["tesla"], weights_classes=5)
+    elif case == "other architecture":
+        checkpoint = write_export(tmp_path / "arch", classes=CARS5, arch_in_config="resnet34")
+    elif case == "missing data":
+        data = tmp_path / "no_such_data"
+    elif case == "missing split":
+        extra = ["--split", "holdout"]
+    elif case == "bad topk":
+        extra = ["--topk", "0"]
+    out = tmp_path / "out"
+    if case == "out holds other files":  # e.g. --out RUN by mistake: never replaced
+        (out / "checkpoints").mkdir(parents=True)
+    code = evaluate_in_process("--checkpoint", checkpoint, "--data", data, "--out", out, *extra)
+    captured = capsys.readouterr()
+    assert code != 0
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("carbrand evaluate: error:"), captured.err
+    assert "Traceback" not in captured.err
+    if case == "out holds other files":
+        assert [p.name for p in out.iterdir()] == ["checkpoints"]
+    else:
+        assert not out.exists()

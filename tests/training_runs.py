@@ -1,0 +1,57 @@
+"""Helpers for tests that start real training processes (1 process, or 2 over gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO / "carbrand" / "train.py"
+CPU_RECIPE = REPO / "configs" / "cars5_cpu.yaml"
+
+
+def launch_command(num_processes: int, script: Path = TRAIN_SCRIPT) -> list[str]:
+    if num_processes == 1:
+        return [sys.executable, str(script)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+            str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), str(script)]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def subprocess_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(WANDB_MODE="disabled", PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def train_command(prepared: Path, run_dir: Path, *overrides: str, num_processes: int = 1) -> list[str]:
+    return launch_command(num_processes) + [
+        "--config", str(CPU_RECIPE), f"data.manifest={prepared}", f"output.dir={run_dir}", *overrides]
+
+
+def run_training(prepared: Path, run_dir: Path, *overrides: str, num_processes: int = 1, timeout: float = 600,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(train_command(prepared, run_dir, *overrides, num_processes=num_processes),
+                          capture_output=True, text=True, timeout=timeout, env=env or subprocess_environment(), cwd=REPO)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def last_value(records: list[dict], key: str):
+    values = [r[key] for r in records if key in r]
+    assert values, f"{key} was never logged"
+    return values[-1]
