@@ -19,8 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file by `accelerate launch` / `torchrun`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file by `accelerate launch` / `torchrun`
+    _here = Path(__file__).resolve().parent
+    # The script's own folder would shadow top-level modules (config, data, metrics, ...): use the repo root.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +82,8 @@ def make_accelerator(config: Config) -> Accelerator:
         torch.backends.cuda.matmul.allow_tf32 = t.tf32
         torch.backends.cudnn.allow_tf32 = t.tf32
     return Accelerator(
+        # without cpu=True, processes launched on a GPU-less host do not join one gloo group
+        cpu=not torch.cuda.is_available(),
         mixed_precision=t.precision,
         gradient_accumulation_steps=t.grad_accum_steps,
         # bucket views: gradients live inside DDP's all-reduce buckets, saving one copy per step

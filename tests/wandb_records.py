@@ -1,6 +1,6 @@
 """Read the records of a W&B `.wandb` file (wandb 0.31 ships no Python reader any more).
 
-The file is a LevelDB-style log: a 7-byte header (b":W&B", magic 0xBEE1, version 1), then
+The file is a LevelDB-style log: a 7-byte header (b":W&B", magic 0xBEE1, version 0 in wandb 0.31), then
 32 KiB blocks of chunks, each with a 7-byte header (crc32, length, type: 1 full, 2 first,
 3 middle, 4 last); a block tail shorter than a chunk header is zero padding. Each joined
 record is a `wandb_internal_pb2.Record` protobuf.
@@ -23,7 +23,7 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
     data = Path(path).read_bytes()
     ident, magic, version = FILE_HEADER.unpack_from(data, 0)
-    assert (ident, magic, version) == (b":W&B", 0xBEE1, 1), f"{path} is not a W&B record log"
+    assert (ident, magic) == (b":W&B", 0xBEE1) and version in (0, 1), f"{path} is not a W&B record log"
     records, pending, offset = [], b"", FILE_HEADER.size
     while offset + CHUNK_HEADER.size <= len(data):
         room = BLOCK_SIZE - offset % BLOCK_SIZE
