@@ -49,9 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         top_level_parser().parse_args(argv)  # prints usage or help and exits
-    name = argv[0]
+    return run_command(argv[0], argv[1:])
+
+
+def run_command(name: str, argv: list[str] | None = None) -> int:
+    """Parse one command's arguments and run it; also what `python carbrand/train.py` etc. call."""
     parser, module = command_parser(name)
-    args = parser.parse_args(argv[1:])
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return int(module.run(args) or 0)
     except CarbrandError as error:

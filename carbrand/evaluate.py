@@ -39,7 +39,7 @@ import time
 import torch
 
 from carbrand.checkpoint import load_export_model
-from carbrand.errors import CarbrandError, DataError, UsageError
+from carbrand.errors import DataError, UsageError
 from carbrand.inference import PRECISIONS, input_dtype, place_model, predict_batches, resolve_precision
 
 UNKNOWN_BRAND_MODES = ("error", "report")
@@ -252,17 +252,9 @@ def start_tracker(out: Path, config, wandb_mode: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="carbrand evaluate", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except CarbrandError as error:
-        print(f"carbrand evaluate: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("carbrand evaluate: interrupted", file=sys.stderr)
-        return 130
+    from carbrand.cli import run_command
+
+    return run_command("evaluate", argv)
 
 
 if __name__ == "__main__":

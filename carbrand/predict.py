@@ -32,7 +32,7 @@ from carbrand.config import Config
 from carbrand.data.preprocessing import IMAGENET_MEAN_255, IMAGENET_STD_255
 from carbrand.data.sources import IMAGE_EXTENSIONS
 from carbrand.data.torch_loader import eval_transform
-from carbrand.errors import CarbrandError, DataError, UsageError
+from carbrand.errors import DataError, UsageError
 from carbrand.inference import PRECISIONS, classify, place_model, resolve_precision
 
 DEFAULT_BATCH_SIZE = 32
@@ -194,14 +194,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="carbrand predict", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except CarbrandError as error:
-        print(f"carbrand predict: error: {error}", file=sys.stderr)
-        return error.exit_code
+    from carbrand.cli import run_command
+
+    return run_command("predict", argv)
 
 
 if __name__ == "__main__":

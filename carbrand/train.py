@@ -381,14 +381,9 @@ def stop_gracefully(state: dict, stop_request: StopRequest, already_saved: bool 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="carbrand train", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except CarbrandError as error:
-        print(f"carbrand train: error: {error}", file=sys.stderr)
-        return error.exit_code
+    from carbrand.cli import run_command
+
+    return run_command("train", argv)
 
 
 if __name__ == "__main__":

@@ -155,8 +155,8 @@ def test_fresh_split_is_stratified_deterministic_and_keeps_duplicates_together(t
     duplicates = [["alfa/alfa_00 copy.jpg", "alfa/alfa_00.jpg"], ["brio/brio_05 resaved.jpg", "brio/brio_05.jpg"]]
 
     first = prepare(source, tmp_path / "a", seed=7)
-    again = prepare(source, tmp_path / "b", seed=7)
-    other = prepare(source, tmp_path / "c", seed=8)
+    prepare(source, tmp_path / "b", seed=7)
+    prepare(source, tmp_path / "c", seed=8)
 
     assert first.duplicates == duplicates
     assert first.counts == {
