@@ -219,8 +219,9 @@ def run_epochs(state: dict, train_loader, val_loader, total_steps: int, stop_req
     accelerator, model, optimizer, scheduler = state["accelerator"], state["model"], state["optimizer"], state["scheduler"]
     config, progress, ema_model = state["config"], state["progress"], state["ema_model"]
     t = config.train
+    # "paused": seconds spent validating/checkpointing, kept out of images/s and the wait fraction
     window = {"loss": torch.zeros((), device=accelerator.device), "micro": 0, "images": 0, "wait": 0.0,
-              "start": time.perf_counter()}
+              "paused": 0.0, "start": time.perf_counter()}
     while progress.step < total_steps:
         model.train()
         train_loader.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
@@ -246,16 +247,20 @@ def run_epochs(state: dict, train_loader, val_loader, total_steps: int, stop_req
                 log_window(state, window, bar)
                 if stop_request.should_stop(accelerator):
                     return stop_gracefully(state, stop_request)
+            paused_from = time.perf_counter()
             if t.eval_every_steps and progress.step % t.eval_every_steps == 0:
                 validate_and_keep_best(state, val_loader)
             if t.checkpoint_every_steps and progress.step % t.checkpoint_every_steps == 0:
                 save_checkpoint(state)
+            window["paused"] += time.perf_counter() - paused_from
         if progress.batch_in_epoch >= micro_batches_per_epoch:
             progress.epoch += 1
             progress.batch_in_epoch = 0
+        paused_from = time.perf_counter()
         if not t.eval_every_steps or progress.step == total_steps:
             validate_and_keep_best(state, val_loader)
         save_checkpoint(state)
+        window["paused"] += time.perf_counter() - paused_from
         if stop_request.should_stop(accelerator):
             return stop_gracefully(state, stop_request, already_saved=True)
     return 0
@@ -277,7 +282,7 @@ def train_step(accelerator, model, optimizer, images, labels, label_smoothing: f
 def log_window(state: dict, window: dict, bar) -> None:
     """Every `log_every` steps: the one place the loop syncs with the device."""
     accelerator, progress, tracker = state["accelerator"], state["progress"], state["tracker"]
-    seconds = time.perf_counter() - window["start"]
+    seconds = time.perf_counter() - window["start"] - window["paused"]
     mean_loss = accelerator.reduce(window["loss"], reduction="mean").item() / max(1, window["micro"])  # host sync
     if not torch.isfinite(torch.tensor(mean_loss)):
         last = state["run_dir"] / "last"
@@ -295,7 +300,8 @@ def log_window(state: dict, window: dict, bar) -> None:
         metrics["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
     tracker.log(metrics, step=progress.step)
     bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{images_per_second:.0f}", refresh=False)
-    window.update(loss=torch.zeros((), device=accelerator.device), micro=0, images=0, wait=0.0, start=time.perf_counter())
+    window.update(loss=torch.zeros((), device=accelerator.device), micro=0, images=0, wait=0.0, paused=0.0,
+                  start=time.perf_counter())
 
 
 @torch.no_grad()
