@@ -156,6 +156,11 @@ def train(config: Config) -> int:
         training_state = checkpoint.training_state
         progress = Progress(**training_state["progress"])
         progress.restarts += 1
+        if training_state.get("world_size") != world_size and progress.batch_in_epoch:
+            # the position inside the epoch was counted in the old shards: redo this epoch's data from its start
+            accelerator.print(f"carbrand: warning: resuming with {world_size} processes instead of "
+                              f"{training_state.get('world_size')}; epoch {progress.epoch} restarts its data order")
+            progress.batch_in_epoch = 0
     model, optimizer = accelerator.prepare(model, optimizer)
     if training_state is not None:
         optimizer.load_state_dict(training_state["optimizer"])
@@ -184,16 +189,16 @@ def train(config: Config) -> int:
     state = dict(accelerator=accelerator, model=model, unwrapped_model=unwrapped_model, ema_model=ema_model,
                  optimizer=optimizer, scheduler=scheduler, config=config, classes=classes, run_dir=run_dir,
                  progress=progress, tracker=tracker, micro_batches_per_epoch=steps_per_epoch * t.grad_accum_steps)
-    exit_code = 0
+    exit_code = 1  # what W&B records if the loop raises
     try:
         exit_code = train_loop(state, train_loader, val_loader, total_steps, stop_request)
+        check_ranks_agree(state)
     finally:
         stop_request.restore()
         train_loader.close()
         if val_loader is not None:
             val_loader.close()
         tracker.finish(exit_code=exit_code)
-    check_ranks_agree(state)
     if accelerator.is_main_process and exit_code == 0:
         if not (run_dir / "best").is_dir():  # no validation split: the last model is the export
             export_model(state)
