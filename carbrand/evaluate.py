@@ -167,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         device = accelerator.device
         backend, decode = resolve_backend(data_config, device)
+        data_config = dataclasses.replace(data_config, loader=backend, decode=decode)  # resolved once: one notice
         precision = resolve_precision(args.precision, export.config.train.precision, device)
         channels_last = export.config.train.channels_last
         model = place_model(model, device, channels_last)

@@ -13,6 +13,7 @@ schedule -> prepare -> resume -> loop (step, log every N, validate, checkpoint) 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import sys
 import time
@@ -122,10 +123,12 @@ def train(config: Config) -> int:
     if not train_samples:
         raise CarbrandError(f"{dataset.directory}: the train split is empty")
     loader_name, decode = resolve_backend(config.data, accelerator.device)
+    # resolved once (one notice, one answer); the saved config keeps what the user wrote, e.g. auto
+    data = dataclasses.replace(config.data, loader=loader_name, decode=decode)
     loader_options = dict(rank=rank, world_size=world_size, device=accelerator.device,
                           dtype=DTYPES[t.precision], channels_last=t.channels_last)
-    train_loader = build_train_loader(config.data, train_samples, seed=t.seed, **loader_options)
-    val_loader = build_eval_loader(config.data, val_samples, **loader_options) if val_samples else None
+    train_loader = build_train_loader(data, train_samples, seed=t.seed, **loader_options)
+    val_loader = build_eval_loader(data, val_samples, **loader_options) if val_samples else None
     if val_loader is None:
         accelerator.print("carbrand: warning: no validation split; best/ will hold the last model")
 
