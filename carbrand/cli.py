@@ -5,6 +5,7 @@
     carbrand evaluate --checkpoint DIR ...   carbrand.evaluate
     carbrand predict --checkpoint DIR PATH   carbrand.predict
     carbrand demo                            carbrand.demo
+    carbrand bench data|train ...            carbrand.bench.command
 
 Each module exposes `add_arguments(parser)` and `run(args) -> int`. A `CarbrandError`
 raised anywhere becomes one line on stderr and its exit code (2 for usage errors).
@@ -23,6 +24,7 @@ COMMANDS = {
     "train": ("carbrand.train", "train a brand classifier (use `accelerate launch` for several processes)"),
     "evaluate": ("carbrand.evaluate", "test-set metrics of an exported model"),
     "predict": ("carbrand.predict", "which brand is this? top-k brands for image files or folders"),
+    "bench": ("carbrand.bench.command", "measure loader and training throughput (images/s, JSON)"),
     "demo": ("carbrand.demo", "generate a demo dataset, then prepare, train, evaluate and predict on it"),
 }
 

@@ -9,6 +9,7 @@ naming the key, before any process group, GPU or dataset is touched.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from carbrand.errors import ConfigError
 @dataclass
 class DataConfig:
     manifest: str = "data/demo/prepared"  # directory written by `carbrand prepare --out`
-    loader: str = "auto"  # auto (dali if installed, else torchvision) | dali | torchvision
+    loader: str = "auto"  # auto (dali if installed, else torchvision) | dali | torchvision | memory (noise, for benchmarks)
     decode: str = "auto"  # auto (gpu when CUDA is there) | gpu (nvJPEG/HW decoder) | cpu
     image_size: int = 224  # square training / evaluation crop, pixels
     batch_size: int = 64  # per process; global batch = batch_size * world_size * grad_accum
@@ -105,7 +106,7 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.loader": ("auto", "dali", "torchvision"),
+    "data.loader": ("auto", "dali", "torchvision", "memory"),
     "data.decode": ("auto", "gpu", "cpu"),
     "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
     "optim.name": ("sgd", "adamw"),
@@ -139,11 +140,27 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return config
 
 
+class _Yaml12BoolLoader(yaml.SafeLoader):
+    """Safe YAML where only true/false are booleans (YAML 1.2): `precision: no` stays the string "no"."""
+
+
+_Yaml12BoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12BoolLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12BoolLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _safe_load(path.read_text())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -160,7 +177,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = _safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value  # a plain string YAML cannot parse, e.g. a path with ': '
     return key.strip(), parsed

@@ -290,8 +290,9 @@ def train_step(accelerator, model, optimizer, images, labels, label_smoothing: f
 def log_window(state: dict, window: dict, bar) -> None:
     """Every `log_every` steps: the one place the loop syncs with the device."""
     accelerator, progress, tracker = state["accelerator"], state["progress"], state["tracker"]
-    seconds = time.perf_counter() - window["start"] - window["paused"]
     mean_loss = accelerator.reduce(window["loss"], reduction="mean").item() / max(1, window["micro"])  # host sync
+    # read the clock after the sync: before it, the device may still be running queued steps
+    seconds = time.perf_counter() - window["start"] - window["paused"]
     if not torch.isfinite(torch.tensor(mean_loss)):
         last = state["run_dir"] / "last"
         raise CarbrandError(f"training loss became non-finite ({mean_loss}) before step {progress.step}; "

@@ -1,12 +1,16 @@
-"""Shared fixtures: the real test photos live in ../shared beside the repository, never inside it."""
+"""Shared fixtures: the real test photos live in ../shared beside the repository, never inside it.
+
+CARBRAND_TEST_DATA points elsewhere (a GPU host that has the photos in another place).
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("CARBRAND_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
@@ -14,7 +18,7 @@ def cars5_dir() -> Path:
     """400 real photos: train/<brand>/ (60 each) and test/<brand>/ (20 each), 5 brands."""
     path = SHARED_DATA / "cars5"
     if not path.is_dir():
-        pytest.fail(f"test photos missing: {path} (clone the repository next to shared/)")
+        pytest.fail(f"test photos missing: {path} (clone the repository next to shared/, or set CARBRAND_TEST_DATA)")
     return path
 
 
@@ -23,7 +27,7 @@ def devkit_dir() -> Path:
     """The real Stanford Cars annotation files (cars_meta.mat, cars_train_annos.mat, cars_test_annos.mat)."""
     path = SHARED_DATA / "stanford_cars_devkit"
     if not path.is_dir():
-        pytest.fail(f"Stanford Cars devkit missing: {path} (clone the repository next to shared/)")
+        pytest.fail(f"Stanford Cars devkit missing: {path} (clone the repository next to shared/, or set CARBRAND_TEST_DATA)")
     return path
 
 

@@ -103,3 +103,14 @@ def test_cli_bad_config_is_one_line_and_exit_code_2(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "data.batch_size" in lines[0], result.stderr
     assert not (tmp_path / "runs").exists()  # nothing written on a usage error
+
+
+def test_yaml_no_and_off_stay_strings_only_true_false_are_booleans(tmp_path):
+    """YAML 1.1 reads `no` as false; `precision: no` must mean the precision called "no"."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  precision: no\n  channels_last: false\n")
+    config = load_config(recipe, ["model.compile=true"])
+    assert config.train.precision == "no" and config.train.channels_last is False and config.model.compile is True
+    assert load_config(None, ["train.precision=no"]).train.precision == "no"
+    with pytest.raises(ConfigError, match="'train.channels_last' must be of type bool, got 'off'"):
+        load_config(None, ["train.channels_last=off"])

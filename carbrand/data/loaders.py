@@ -63,7 +63,9 @@ def dali_available() -> bool:
 
 
 def resolve_backend(data: DataConfig, device: torch.device) -> tuple[str, str]:
-    """-> (loader, decode): loader 'dali' | 'torchvision', decode 'gpu' | 'cpu'."""
+    """-> (loader, decode): loader 'dali' | 'torchvision' | 'memory', decode 'gpu' | 'cpu' | 'none'."""
+    if data.loader == "memory":
+        return "memory", "none"  # nothing is decoded
     if data.decode == "gpu" and device.type != "cuda":
         raise UsageError(f"data.decode=gpu needs a CUDA device, but this process runs on {device}; use data.decode=cpu or auto")
     loader = data.loader
@@ -85,6 +87,11 @@ def resolve_backend(data: DataConfig, device: torch.device) -> tuple[str, str]:
 def build_train_loader(data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int, seed: int,
                        device: torch.device, dtype: torch.dtype, channels_last: bool) -> TrainLoader:
     loader, decode = resolve_backend(data, device)
+    if loader == "memory":
+        from carbrand.data.memory_loader import MemoryTrainLoader
+
+        return MemoryTrainLoader(data, samples, rank=rank, world_size=world_size, seed=seed, device=device, dtype=dtype,
+                                  channels_last=channels_last)
     if loader == "dali":
         from carbrand.data.dali_pipelines import DaliTrainLoader
 
@@ -99,6 +106,11 @@ def build_train_loader(data: DataConfig, samples: Sequence[Sample], *, rank: int
 def build_eval_loader(data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int,
                       device: torch.device, dtype: torch.dtype, channels_last: bool) -> EvalLoader:
     loader, decode = resolve_backend(data, device)
+    if loader == "memory":
+        from carbrand.data.memory_loader import MemoryEvalLoader
+
+        return MemoryEvalLoader(data, samples, rank=rank, world_size=world_size, device=device, dtype=dtype,
+                                  channels_last=channels_last)
     if loader == "dali":
         from carbrand.data.dali_pipelines import DaliEvalLoader
 

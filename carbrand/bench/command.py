@@ -1,0 +1,42 @@
+"""Measure carbrand's speed; JSON on stdout (and in --out), a readable line per figure on stderr.
+
+    carbrand bench data --manifest data/cars5/prepared --photo-size 500x375 --photo-size 1024x768
+    carbrand bench train --config configs/cars5_cpu.yaml --precisions no,bf16
+    carbrand bench train --config configs/stanford_cars.yaml data.batch_size=256 --compile off,on   (GPU host)
+
+docs/BENCHMARKS.md explains the method and holds the figures measured so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from carbrand.bench import data_throughput, train_throughput
+from carbrand.errors import UsageError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    subparsers = parser.add_subparsers(dest="what", required=True, metavar="data|train")
+    for name, module in (("data", data_throughput), ("train", train_throughput)):
+        sub = subparsers.add_parser(name, help=(module.__doc__ or "").splitlines()[0],
+                                    description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.add_argument("--out", default=None, help="also write the JSON report to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.out and not Path(args.out).parent.is_dir():
+        raise UsageError(f"--out {args.out}: folder {Path(args.out).parent} does not exist")
+    if args.what == "data":
+        report = data_throughput.run_data_benchmark(args)
+    else:
+        report = train_throughput.run_train_benchmark(args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        temporary = Path(args.out).with_name(Path(args.out).name + ".tmp")
+        temporary.write_text(text + "\n")
+        temporary.replace(args.out)
+    return 0

@@ -1,0 +1,176 @@
+"""`carbrand bench data`: images/s of each loader and pipeline on a prepared dataset.
+
+    carbrand bench data --manifest data/cars5/prepared --workers 2
+    carbrand bench data --manifest data/cars5/prepared --photo-size 500x375 --photo-size 1024x768
+    carbrand bench data --manifest data/stanford_cars/prepared --batch-size 256 --workers 16   (GPU host)
+
+Each loader runs exactly as the trainer and evaluator build it (sharding, augmentation,
+normalisation, copy to the device, output dtype), warm-up batches excluded, the clock
+stopped only after the device finished. The train loader's per-epoch set-up (DALI builds
+one pipeline per epoch) counts, as it does in training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from carbrand.bench.photo_set import build_photo_set, describe
+from carbrand.bench.timing import now
+from carbrand.config import DataConfig
+from carbrand.data.loaders import build_eval_loader, build_train_loader, dali_available
+from carbrand.data.manifest import load_prepared
+from carbrand.errors import UsageError
+
+BACKENDS = {"dali-gpu": ("dali", "gpu"), "dali-cpu": ("dali", "cpu"), "torchvision": ("torchvision", "cpu")}
+PIPELINES = ("train", "eval")
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_backends(device: torch.device) -> list[str]:
+    names = ["torchvision"]
+    if dali_available():
+        names.insert(0, "dali-cpu")
+        if device.type == "cuda":
+            names.insert(0, "dali-gpu")
+    return names
+
+
+def check_backends(names: list[str], device: torch.device) -> None:
+    for name in names:
+        if name not in BACKENDS:
+            raise UsageError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+        if name.startswith("dali") and not dali_available():
+            raise UsageError(f"backend {name} needs DALI: pip install carbrand[dali]")
+        if name == "dali-gpu" and device.type != "cuda":
+            raise UsageError("backend dali-gpu needs a CUDA GPU; this machine has none")
+
+
+def _endless_batches(loader, pipeline: str) -> Iterator[torch.Tensor]:
+    epoch = 0
+    while True:
+        if pipeline == "train":
+            loader.set_epoch(epoch)
+        for batch in loader:
+            yield batch[0]
+        epoch += 1
+
+
+def measure(loader, pipeline: str, *, warmup_batches: int, batches: int, device: torch.device) -> dict:
+    stream = _endless_batches(loader, pipeline)
+    for _ in range(warmup_batches):
+        next(stream)
+    images, start = 0, now(device)
+    for _ in range(batches):
+        images += next(stream).shape[0]
+    seconds = now(device) - start
+    stream.close()
+    return {"images": images, "seconds": round(seconds, 4), "images_per_second": round(images / seconds, 1)}
+
+
+def build_loader(pipeline: str, data: DataConfig, samples, device: torch.device, dtype: torch.dtype):
+    options = dict(rank=0, world_size=1, device=device, dtype=dtype, channels_last=True)
+    if pipeline == "train":
+        return build_train_loader(data, samples, seed=0, **options)
+    return build_eval_loader(data, samples, **options)
+
+
+def run_data_benchmark(args) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    backends = args.backends.split(",") if args.backends else default_backends(device)
+    check_backends(backends, device)
+    for option in ("workers", "batch_size", "image_size", "prefetch", "batches"):
+        if getattr(args, option) < 1:
+            raise UsageError(f"--{option.replace('_', '-')} must be >= 1; got {getattr(args, option)}")
+    if args.warmup_batches < 0:
+        raise UsageError(f"--warmup-batches must be >= 0; got {args.warmup_batches}")
+    pipelines = args.pipelines.split(",")
+    if any(p not in PIPELINES for p in pipelines):
+        raise UsageError(f"--pipelines takes {', '.join(PIPELINES)}; got {args.pipelines!r}")
+    precision = args.precision or ("bf16" if device.type == "cuda" else "no")
+    manifests = [Path(args.manifest)] if not args.photo_sizes or args.include_original else []
+    for width, height in args.photo_sizes:
+        out = Path(args.work_dir) / f"{Path(args.manifest).resolve().parent.name}-{width}x{height}-x{args.copies}"
+        print(f"carbrand bench: building {out} ...", file=sys.stderr)
+        manifests.append(build_photo_set(Path(args.manifest), out, (width, height), args.copies))
+    results = []
+    for manifest in manifests:
+        dataset = load_prepared(manifest)
+        samples = dataset.split(args.split)
+        if not samples:
+            raise UsageError(f"{manifest}: split {args.split!r} is empty")
+        if len(samples) < args.batch_size:
+            raise UsageError(f"{manifest}: split {args.split!r} has {len(samples)} images, fewer than one batch of "
+                             f"{args.batch_size}; lower --batch-size or raise --copies")
+        for pipeline in pipelines:
+            for backend in backends:
+                loader_name, decode = BACKENDS[backend]
+                data = dataclasses.replace(DataConfig(), manifest=str(manifest), loader=loader_name, decode=decode,
+                                           batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
+                                           prefetch=args.prefetch, hw_decoder_load=args.hw_decoder_load)
+                loader = build_loader(pipeline, data, samples, device, DTYPES[precision])
+                try:
+                    figures = measure(loader, pipeline, warmup_batches=args.warmup_batches, batches=args.batches,
+                                      device=device)
+                finally:
+                    loader.close()
+                row = {"dataset": describe(manifest), "manifest": str(manifest), "pipeline": pipeline,
+                       "backend": backend, "workers": args.workers, "batch_size": args.batch_size,
+                       "image_size": args.image_size, "dtype": precision, "prefetch": args.prefetch,
+                       **({"hw_decoder_load": args.hw_decoder_load} if backend == "dali-gpu" else {}), **figures}
+                print(f"carbrand bench: {row['dataset']:<45} {pipeline:<5} {backend:<11} "
+                      f"{row['images_per_second']:>9.1f} img/s", file=sys.stderr)
+                results.append(row)
+    return {"benchmark": "data", "device": device_name(device), "results": results, "ratios": ratios(results)}
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """Each DALI backend against torchvision on the same set and pipeline (measured in this run)."""
+    by_key = {(r["dataset"], r["pipeline"], r["backend"]): r["images_per_second"] for r in results}
+    out = []
+    for (dataset, pipeline, backend), rate in by_key.items():
+        baseline = by_key.get((dataset, pipeline, "torchvision"))
+        if backend != "torchvision" and baseline:
+            out.append({"dataset": dataset, "pipeline": pipeline, "backend": backend, "versus": "torchvision",
+                        "ratio": round(rate / baseline, 3)})
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import os
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)"
+
+
+def add_arguments(parser) -> None:
+    from carbrand.bench.photo_set import parse_photo_size
+
+    parser.add_argument("--manifest", required=True, help="prepared dataset directory (carbrand prepare --out)")
+    parser.add_argument("--split", default="train", help="which split's images to read (default train)")
+    parser.add_argument("--backends", default=None,
+                        help=f"comma list of {', '.join(BACKENDS)} (default: every one this machine can run)")
+    parser.add_argument("--pipelines", default="train,eval", help="train, eval or both (default train,eval)")
+    parser.add_argument("--workers", type=int, default=2, help="DALI threads = DataLoader workers (default 2)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    parser.add_argument("--image-size", type=int, default=224, help="output crop side (default 224)")
+    parser.add_argument("--prefetch", type=int, default=2, help="prefetch depth, batches (default 2)")
+    parser.add_argument("--hw-decoder-load", type=float, default=DataConfig.hw_decoder_load,
+                        help=f"dali-gpu: share of images for the hardware JPEG decoder (default {DataConfig.hw_decoder_load})")
+    parser.add_argument("--precision", choices=tuple(DTYPES), default=None,
+                        help="output dtype as the trainer would ask (default bf16 on a GPU, no on a CPU)")
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per loader (default 20)")
+    parser.add_argument("--warmup-batches", type=int, default=3, help="untimed batches first (default 3)")
+    parser.add_argument("--photo-size", dest="photo_sizes", type=parse_photo_size, action="append", default=[],
+                        metavar="WxH", help="also (or only) measure a copy re-encoded at this size; repeatable")
+    parser.add_argument("--include-original", action="store_true",
+                        help="with --photo-size: measure the photos as prepared too")
+    parser.add_argument("--copies", type=int, default=4, help="re-encoded copies per photo (default 4)")
+    parser.add_argument("--work-dir", default="runs/bench", help="where re-encoded sets are kept (default runs/bench)")
+    parser.add_argument("--cpu", action="store_true", help="measure on the CPU even when a GPU is there")

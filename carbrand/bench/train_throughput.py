@@ -1,0 +1,131 @@
+"""`carbrand bench train`: training images/s per precision, layout and compile setting.
+
+    carbrand bench train --config configs/cars5_cpu.yaml --precisions no,bf16
+    carbrand bench train --config configs/stanford_cars.yaml data.batch_size=256 --compile off,on   (GPU host)
+
+For each variant it measures, in a fresh process each:
+  real     the trainer with the config's loader (JPEG files -> DALI or torchvision)
+  memory   the trainer with one in-memory batch (data.loader=memory): the input-free ceiling
+  bare     a bare PyTorch loop on that same in-memory batch: the trainer's own overhead
+and reports images/s, the share of step time spent waiting for data, peak memory, and
+the ratios real/memory and memory/bare, each pair measured in the same run. Variants
+are repeated `--repeats` times in interleaved order and the median is reported, so a
+noisy neighbour slows both sides of a comparison alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import torch
+
+from carbrand.bench.data_throughput import device_name
+from carbrand.bench.train_worker import RESULT_PREFIX
+from carbrand.config import load_config
+from carbrand.errors import CarbrandError, UsageError
+
+ON_OFF = {"on": True, "off": False}
+
+
+def parse_list(text: str, allowed: tuple[str, ...], option: str) -> list[str]:
+    values = [v for v in text.split(",") if v]
+    for value in values:
+        if value not in allowed:
+            raise UsageError(f"{option} takes a comma list of {', '.join(allowed)}; got {value!r}")
+    return values
+
+
+def variants(args) -> list[dict]:
+    precisions = parse_list(args.precisions, ("no", "bf16", "fp16"), "--precisions")
+    if "fp16" in precisions and not torch.cuda.is_available():
+        raise UsageError("--precisions fp16 needs a CUDA GPU (the trainer refuses fp16 on a CPU); use no or bf16")
+    layouts = parse_list(args.channels_last, tuple(ON_OFF), "--channels-last")
+    compiles = parse_list(args.compile, tuple(ON_OFF), "--compile")
+    modes = parse_list(args.measure, ("real", "memory", "bare"), "--measure")
+    out = []
+    for precision, layout, compile_ in itertools.product(precisions, layouts, compiles):
+        for measure in modes:
+            out.append({"mode": "bare" if measure == "bare" else "product", "loader": "real" if measure == "real" else "memory",
+                        "measure": measure, "precision": precision, "channels_last": ON_OFF[layout],
+                        "compile": ON_OFF[compile_], "config": args.config, "overrides": list(args.overrides),
+                        "warmup_steps": args.warmup_steps, "steps": args.steps})
+    return out
+
+
+def run_worker(spec: dict) -> dict:
+    command = [sys.executable, "-m", "carbrand.bench.train_worker", json.dumps(spec)]
+    env = dict(os.environ, WANDB_MODE="disabled")
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CarbrandError(f"bench train: the {spec['measure']} run ({label(spec)}) failed: {last}")
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def label(spec: dict) -> str:
+    return (f"{spec['precision']}, channels_last {'on' if spec['channels_last'] else 'off'}, "
+            f"compile {'on' if spec['compile'] else 'off'}")
+
+
+def run_train_benchmark(args) -> dict:
+    config = load_config(args.config, args.overrides)  # a bad config fails here, once, before any run
+    if args.steps < 1 or args.warmup_steps < 1 or args.repeats < 1:
+        raise UsageError("--steps, --warmup-steps and --repeats must be >= 1")
+    specs = variants(args)
+    samples: dict[int, list[dict]] = {i: [] for i in range(len(specs))}
+    for repeat in range(args.repeats):
+        for index, spec in enumerate(specs):
+            result = run_worker(spec)
+            samples[index].append(result)
+            print(f"carbrand bench: [{repeat + 1}/{args.repeats}] {spec['measure']:<6} {label(spec):<40} "
+                  f"{result['images_per_second']:>9.1f} img/s  data wait {result['data_wait_fraction']:.1%}",
+                  file=sys.stderr)
+    results = []
+    for index, spec in enumerate(specs):
+        runs = samples[index]
+        results.append({
+            "measure": spec["measure"], "precision": spec["precision"], "channels_last": spec["channels_last"],
+            "compile": spec["compile"],
+            "images_per_second": round(statistics.median(r["images_per_second"] for r in runs), 2),
+            "images_per_second_runs": [round(r["images_per_second"], 2) for r in runs],
+            "data_wait_fraction": round(statistics.median(r["data_wait_fraction"] for r in runs), 4),
+            "peak_gpu_memory_gb": max((r["peak_gpu_memory_gb"] or 0 for r in runs), default=0) or None,
+            "peak_host_memory_gb": round(max(r["peak_host_memory_gb"] for r in runs), 3),
+        })
+    return {"benchmark": "train", "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+            "arch": config.model.arch, "batch_size": config.data.batch_size, "image_size": config.data.image_size,
+            "loader": config.data.loader, "steps": args.steps, "warmup_steps": args.warmup_steps,
+            "repeats": args.repeats, "results": results, "comparisons": comparisons(results)}
+
+
+def comparisons(results: list[dict]) -> list[dict]:
+    """real/memory (how much the input pipeline costs) and memory/bare (the trainer's overhead)."""
+    keyed = {(r["precision"], r["channels_last"], r["compile"], r["measure"]): r["images_per_second"] for r in results}
+    out = []
+    for (precision, layout, compiled, measure), rate in keyed.items():
+        pairs = {"real": ("memory", "real loader / in-memory batch"), "memory": ("bare", "product loop / bare loop")}
+        if measure not in pairs or (precision, layout, compiled, pairs[measure][0]) not in keyed:
+            continue
+        baseline = keyed[(precision, layout, compiled, pairs[measure][0])]
+        out.append({"what": pairs[measure][1], "precision": precision, "channels_last": layout, "compile": compiled,
+                    "ratio": round(rate / baseline, 4)})
+    return out
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="training recipe, e.g. configs/cars5_cpu.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    parser.add_argument("--precisions", default="bf16", help="comma list of no, bf16, fp16 (default bf16)")
+    parser.add_argument("--channels-last", default="on", help="on, off or on,off (default on)")
+    parser.add_argument("--compile", default="off", help="on, off or off,on (default off)")
+    parser.add_argument("--measure", default="real,memory,bare",
+                        help="comma list of real, memory, bare (default all three)")
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run (default 30)")
+    parser.add_argument("--warmup-steps", type=int, default=10, help="untimed steps first (default 10)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per variant, interleaved; median kept (default 1)")
