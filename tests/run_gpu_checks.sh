@@ -21,7 +21,7 @@ set_1024=runs/bench/cars5-1024x768-x32
 # ResNet-50 at 224, batch 256, bf16, channels-last: DALI-gpu loader vs in-memory batch vs bare loop
 recipe=(--config configs/stanford_cars.yaml "data.manifest=$set_1024" data.batch_size=256 data.workers=16)
 step 150 "${carbrand[@]}" bench train "${recipe[@]}" --precisions bf16 --out "$out/bench_train_bf16.json"
-step 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests > "$out/gpu_tests.log" 2>&1; tail -5 "$out/gpu_tests.log"
+step 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_loaders.py > "$out/gpu_tests.log" 2>&1; tail -5 "$out/gpu_tests.log"
 for load in 0 0.99; do
   step 60 "${carbrand[@]}" bench data --manifest "$set_1024" --backends dali-gpu --pipelines train --workers 16 \
     --batch-size 256 --batches 20 --warmup-batches 5 --hw-decoder-load $load --out "$out/bench_hw_decoder_$load.json"
