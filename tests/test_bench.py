@@ -57,7 +57,7 @@ def test_bench_data_measures_each_backend_and_compares_with_torchvision(photo_se
     rows = {(r["pipeline"], r["backend"]): r for r in report["results"]}
     assert set(rows) == {(p, b) for p in ("train", "eval") for b in ("dali-cpu", "torchvision")}
     for row in rows.values():
-        assert row["images"] == 24 and row["images_per_second"] > 0
+        assert row["images_per_run"] == 24 and row["images_per_second"] > 0
         assert row["dataset"] == "cars5 re-encoded at 80x60 (x2 copies)"
     ratio = next(r for r in report["ratios"] if r["pipeline"] == "train" and r["backend"] == "dali-cpu")
     expected = rows[("train", "dali-cpu")]["images_per_second"] / rows[("train", "torchvision")]["images_per_second"]

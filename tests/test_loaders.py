@@ -197,6 +197,33 @@ def test_set_epoch_with_start_batch_yields_the_rest_of_that_epoch(cars5, backend
         loader.set_epoch(2, start_batch=9)
 
 
+def test_dali_train_pipeline_lives_across_epochs_and_keeps_every_order_exact(cars5):
+    """One pipeline reads several epochs back to back (a rebuild per epoch starved an H200 of data)."""
+    samples = numbered(read_split(cars5 / "train")[:32])
+    expected = [train_shard(32, seed=3, epoch=e, rank=0, world_size=1, batch_size=8).tolist() for e in range(5)]
+    loader = train_loader(config("dali"), samples, seed=3)
+    loader.epochs_per_pipeline = 3  # as if the dataset were large: the 4th epoch needs a new pipeline
+    for epoch in range(5):
+        loader.set_epoch(epoch)
+        batches = iter(loader)
+        # consume exactly the epoch's batches, as the trainer does (the generator is left suspended)
+        labels = [label for _ in range(len(loader)) for label in next(batches)[1].tolist()]
+        assert labels == expected[epoch]
+    assert loader.pipelines_built == 2
+    # stopping mid-epoch and going on from the same place keeps the pipeline
+    loader.set_epoch(5)
+    batches = iter(loader)
+    next(batches)
+    loader.set_epoch(5, start_batch=1)
+    rest = epoch_labels(loader)
+    assert rest == train_shard(32, seed=3, epoch=5, rank=0, world_size=1, batch_size=8).tolist()[8:]
+    assert loader.pipelines_built == 2  # the second pipeline holds epochs 3, 4 and 5
+    # jumping elsewhere (a resume) opens a pipeline at that exact place
+    loader.set_epoch(1, start_batch=2)
+    assert epoch_labels(loader) == expected[1][16:]
+    assert loader.pipelines_built == 3
+
+
 def test_torchvision_resume_repeats_the_exact_crops_with_workers(cars5):
     samples = read_split(cars5 / "train")[:32]
     data = config("torchvision", workers=2, prefetch=1)

@@ -13,6 +13,7 @@ one pipeline per epoch) counts, as it does in training.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,11 +80,24 @@ def build_loader(pipeline: str, data: DataConfig, samples, device: torch.device,
     return build_eval_loader(data, samples, **options)
 
 
+def measure_backend(args, backend: str, pipeline: str, manifest: Path, samples, device: torch.device,
+                    precision: str) -> dict:
+    loader_name, decode = BACKENDS[backend]
+    data = dataclasses.replace(DataConfig(), manifest=str(manifest), loader=loader_name, decode=decode,
+                               batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
+                               prefetch=args.prefetch, hw_decoder_load=args.hw_decoder_load)
+    loader = build_loader(pipeline, data, samples, device, DTYPES[precision])
+    try:
+        return measure(loader, pipeline, warmup_batches=args.warmup_batches, batches=args.batches, device=device)
+    finally:
+        loader.close()
+
+
 def run_data_benchmark(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     backends = args.backends.split(",") if args.backends else default_backends(device)
     check_backends(backends, device)
-    for option in ("workers", "batch_size", "image_size", "prefetch", "batches"):
+    for option in ("workers", "batch_size", "image_size", "prefetch", "batches", "repeats"):
         if getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be >= 1; got {getattr(args, option)}")
     if args.warmup_batches < 0:
@@ -107,23 +121,20 @@ def run_data_benchmark(args) -> dict:
             raise UsageError(f"{manifest}: split {args.split!r} has {len(samples)} images, fewer than one batch of "
                              f"{args.batch_size}; lower --batch-size or raise --copies")
         for pipeline in pipelines:
+            runs: dict[str, list[dict]] = {backend: [] for backend in backends}
+            for _ in range(args.repeats):  # interleaved, so a busy moment slows every backend alike
+                for backend in backends:
+                    runs[backend].append(measure_backend(args, backend, pipeline, manifest, samples, device, precision))
             for backend in backends:
-                loader_name, decode = BACKENDS[backend]
-                data = dataclasses.replace(DataConfig(), manifest=str(manifest), loader=loader_name, decode=decode,
-                                           batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
-                                           prefetch=args.prefetch, hw_decoder_load=args.hw_decoder_load)
-                loader = build_loader(pipeline, data, samples, device, DTYPES[precision])
-                try:
-                    figures = measure(loader, pipeline, warmup_batches=args.warmup_batches, batches=args.batches,
-                                      device=device)
-                finally:
-                    loader.close()
+                rates = [run["images_per_second"] for run in runs[backend]]
                 row = {"dataset": describe(manifest), "manifest": str(manifest), "pipeline": pipeline,
                        "backend": backend, "workers": args.workers, "batch_size": args.batch_size,
                        "image_size": args.image_size, "dtype": precision, "prefetch": args.prefetch,
-                       **({"hw_decoder_load": args.hw_decoder_load} if backend == "dali-gpu" else {}), **figures}
+                       **({"hw_decoder_load": args.hw_decoder_load} if backend == "dali-gpu" else {}),
+                       "images_per_second": round(statistics.median(rates), 1), "images_per_second_runs": rates,
+                       "images_per_run": runs[backend][0]["images"]}
                 print(f"carbrand bench: {row['dataset']:<45} {pipeline:<5} {backend:<11} "
-                      f"{row['images_per_second']:>9.1f} img/s", file=sys.stderr)
+                      f"{row['images_per_second']:>9.1f} img/s (median of {len(rates)})", file=sys.stderr)
                 results.append(row)
     return {"benchmark": "data", "device": device_name(device), "results": results, "ratios": ratios(results)}
 
@@ -166,6 +177,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--precision", choices=tuple(DTYPES), default=None,
                         help="output dtype as the trainer would ask (default bf16 on a GPU, no on a CPU)")
     parser.add_argument("--batches", type=int, default=20, help="timed batches per loader (default 20)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measurements per loader, interleaved across loaders; the median is kept (default 1)")
     parser.add_argument("--warmup-batches", type=int, default=3, help="untimed batches first (default 3)")
     parser.add_argument("--photo-size", dest="photo_sizes", type=parse_photo_size, action="append", default=[],
                         metavar="WxH", help="also (or only) measure a copy re-encoded at this size; repeatable")

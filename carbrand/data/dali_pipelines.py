@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 import nvidia.dali.math as dali_math
 from nvidia.dali import fn, pipeline_def, types
@@ -125,7 +126,8 @@ class _Output:
         # DALI has no bfloat16: emit float16 (half the bytes of float32 across PCIe on
         # the CPU-decode path) and cast once on the device. Normalised pixels lie in
         # about [-2.2, 2.7], where float16 is more precise than bfloat16, so nothing is lost.
-        self.half = dtype in (torch.float16, torch.bfloat16)
+        # On a CPU device nothing crosses PCIe, and float16 -> bfloat16 has no fast CPU path: emit float32 there.
+        self.half = dtype == torch.float16 or (dtype == torch.bfloat16 and device.type == "cuda")
 
     def images(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, dtype=self.dtype, non_blocking=True)
@@ -145,22 +147,35 @@ def _pipeline_args(data: DataConfig, *, gpu: bool, device: torch.device, seed: i
     }
 
 
-class DaliTrainLoader:
-    """Training batches; one DALI pipeline per epoch, fed that epoch's ordered shard.
+# One train pipeline serves about this many samples, i.e. several epochs of a small dataset.
+SAMPLES_PER_PIPELINE = 100_000
 
-    Re-building the pipeline every epoch costs well under a second and buys an exact,
-    resumable order (the reader's own shuffle buffer is neither exact nor seekable).
+
+class DaliTrainLoader:
+    """Training batches from a long-lived DALI pipeline that reads several epochs back to back.
+
+    Building a pipeline costs a second or more on a GPU (decoder state, pre-allocations); on
+    an H200 a rebuild at every epoch boundary left training waiting for data 40% of the
+    time (docs/BENCHMARKS.md). So one pipeline is given the exact orders of the next epochs
+    in sequence (a shard is whole batches, so no batch straddles two epochs) and is rebuilt
+    only after those epochs, or when the caller jumps elsewhere (a resume mid-epoch).
+    The orders stay exact and resumable; the reader's own shuffle is neither.
     """
 
     def __init__(self, data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int, seed: int,
                  gpu: bool, device: torch.device, dtype: torch.dtype, channels_last: bool):
         self.batches_per_epoch = train_batches_per_epoch(len(samples), world_size=world_size, batch_size=data.batch_size)
+        self.epochs_per_pipeline = max(1, SAMPLES_PER_PIPELINE // max(1, self.batches_per_epoch * data.batch_size))
+        self.pipelines_built = 0
         self._data, self._gpu, self._device = data, gpu, device
         self._files = [str(s.path) for s in samples]
         self._labels = [s.label for s in samples]
         self._rank, self._world_size, self._seed = rank, world_size, seed
         self._output = _Output(device, dtype, channels_last)
         self._epoch, self._start_batch = 0, 0
+        self._stream = None  # (iterator, pipeline) of the live pipeline
+        self._stream_next: tuple[int, int] | None = None  # (epoch, batch) the live pipeline yields next
+        self._stream_last_epoch = -1
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         if not 0 <= start_batch <= self.batches_per_epoch:
@@ -171,31 +186,53 @@ class DaliTrainLoader:
         return self.batches_per_epoch - self._start_batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = train_shard(len(self._files), seed=self._seed, epoch=self._epoch, rank=self._rank,
-                            world_size=self._world_size, batch_size=self._data.batch_size)
-        order = order[self._start_batch * self._data.batch_size:]
-        if len(order) == 0:
+        epoch, first = self._epoch, self._start_batch
+        if first >= self.batches_per_epoch:
             return
-        seed = augmentation_seed(self._seed, rank=self._rank, epoch=self._epoch)
+        if self._stream is None or self._stream_next != (epoch, first):
+            self._open_stream(epoch, first)
+        iterator = self._stream[0]
+        last_epoch = self._stream_last_epoch
+        for index in range(first, self.batches_per_epoch):
+            (batch,) = next(iterator)
+            # Advance the bookmark before handing the batch out: a caller that stops after any
+            # batch (max_steps, a stop signal) leaves the stream exactly where the bookmark says.
+            at_end = index + 1 == self.batches_per_epoch
+            self._stream_next = (epoch + 1, 0) if at_end else (epoch, index + 1)
+            if at_end and epoch == last_epoch:
+                # every epoch this pipeline was given has been read: the next epoch opens a new one
+                # (the old one is freed then, not now, while its last copy may still be in flight)
+                self._stream_next = None
+            labels = batch["labels"].reshape(-1).to(self._device, dtype=torch.int64, non_blocking=True)
+            yield self._output.images(batch["images"]), labels
+
+    def _open_stream(self, epoch: int, first_batch: int) -> None:
+        self._close_stream()
+        batch_size = self._data.batch_size
+        orders = [train_shard(len(self._files), seed=self._seed, epoch=e, rank=self._rank,
+                              world_size=self._world_size, batch_size=batch_size)
+                  for e in range(epoch, epoch + self.epochs_per_pipeline)]
+        order = np.concatenate(orders)[first_batch * batch_size:]
         pipe = train_pipeline(
             [self._files[i] for i in order], [self._labels[i] for i in order],
             gpu=self._gpu, data=self._data, channels_last=self._output.channels_last, half=self._output.half,
-            **_pipeline_args(self._data, gpu=self._gpu, device=self._device, seed=seed),
+            **_pipeline_args(self._data, gpu=self._gpu, device=self._device,
+                             seed=augmentation_seed(self._seed, rank=self._rank, epoch=epoch)),
         )
         pipe.build()
-        # The shard is a whole number of batches, so DROP never drops anything; it is
-        # stated so a wrong count would shorten the epoch rather than pad it.
+        self.pipelines_built += 1
+        # Whole batches only, so DROP never drops anything; it is stated so a wrong count
+        # would shorten the stream rather than pad it.
         iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER,
                                        last_batch_policy=LastBatchPolicy.DROP)
-        try:
-            for (batch,) in iterator:
-                labels = batch["labels"].reshape(-1).to(self._device, dtype=torch.int64, non_blocking=True)
-                yield self._output.images(batch["images"]), labels
-        finally:
-            del iterator, pipe  # frees the pipeline's threads and buffers before the next epoch
+        self._stream, self._stream_next = (iterator, pipe), (epoch, first_batch)
+        self._stream_last_epoch = epoch + self.epochs_per_pipeline - 1
+
+    def _close_stream(self) -> None:
+        self._stream, self._stream_next = None, None  # frees the pipeline's threads and buffers
 
     def close(self) -> None:
-        """Nothing is held between epochs (each epoch's pipeline dies with its iteration)."""
+        self._close_stream()
 
 
 class DaliEvalLoader:
