@@ -27,10 +27,14 @@ class StopRequest:
 
     def should_stop(self, accelerator) -> bool:
         """True on every rank as soon as any rank received a signal (one small all-reduce)."""
+        return self.ranks_signalled(accelerator) > 0
+
+    def ranks_signalled(self, accelerator) -> int:
+        """How many ranks received a signal so far; the same answer on every rank (a collective)."""
         flag = torch.tensor([1 if self.received is not None else 0], device=accelerator.device)
         if accelerator.num_processes > 1:
             flag = accelerator.reduce(flag, reduction="sum")
-        return bool(flag.item() > 0)  # host sync: called only at log/epoch boundaries
+        return int(flag.item())  # host sync: called only at log/epoch boundaries and when stopping
 
     def restore(self) -> None:
         for number, previous in self._previous.items():

@@ -390,8 +390,12 @@ def check_ranks_agree(state: dict) -> None:
 def stop_gracefully(state: dict, stop_request: StopRequest, already_saved: bool = False) -> int:
     if not already_saved:
         save_checkpoint(state)
-    state["accelerator"].print(f"carbrand: stop requested (signal {stop_request.received}); "
-                               f"checkpoint saved at step {state['progress'].step}; resume with train.resume=auto")
+    # counted after the save: a signal sent to all ranks has reached all of them by now
+    accelerator, step = state["accelerator"], state["progress"].step
+    ranks_signalled = stop_request.ranks_signalled(accelerator)
+    state["tracker"].log({"run/stop_signal": stop_request.received or 0, "run/ranks_signalled": ranks_signalled}, step=step)
+    accelerator.print(f"carbrand: stop requested (signal {stop_request.received}, received by {ranks_signalled} of "
+                      f"{accelerator.num_processes} ranks); checkpoint saved at step {step}; resume with train.resume=auto")
     return EXIT_CODE_PREEMPTED
 
 
