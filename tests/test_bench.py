@@ -10,10 +10,10 @@ import sys
 
 import pytest
 from PIL import Image
+from training_runs import CPU_RECIPE, REPO, subprocess_environment
 
 from carbrand.bench.photo_set import build_photo_set, describe
 from carbrand.data.manifest import load_prepared
-from training_runs import CPU_RECIPE, REPO, subprocess_environment
 
 
 def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

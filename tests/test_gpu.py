@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from training_runs import read_metrics, run_training, subprocess_environment
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

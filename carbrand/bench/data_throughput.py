@@ -26,10 +26,10 @@ from carbrand.config import DataConfig
 from carbrand.data.loaders import build_eval_loader, build_train_loader, dali_available
 from carbrand.data.manifest import load_prepared
 from carbrand.errors import UsageError
+from carbrand.train import DTYPES  # the dtype each precision feeds the model
 
 BACKENDS = {"dali-gpu": ("dali", "gpu"), "dali-cpu": ("dali", "cpu"), "torchvision": ("torchvision", "cpu")}
 PIPELINES = ("train", "eval")
-DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_backends(device: torch.device) -> list[str]:

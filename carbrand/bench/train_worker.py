@@ -28,9 +28,9 @@ from carbrand.data.manifest import load_prepared
 from carbrand.data.memory_loader import random_batch
 from carbrand.model import build_model
 from carbrand.optimization import build_optimizer, peak_learning_rate
+from carbrand.train import DTYPES  # the dtype each precision feeds the model
 
 RESULT_PREFIX = "CARBRAND_BENCH_RESULT "
-DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def variant_overrides(spec: dict) -> list[str]:

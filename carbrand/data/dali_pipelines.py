@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-import torch
 import nvidia.dali.math as dali_math
+import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -30,7 +30,12 @@ from carbrand.data.preprocessing import (
     TRAIN_CROP_ATTEMPTS,
     eval_crop_side_fraction,
 )
-from carbrand.data.sharding import augmentation_seed, eval_shard, train_batches_per_epoch, train_shard
+from carbrand.data.sharding import (
+    augmentation_seed,
+    eval_shard,
+    train_batches_per_epoch,
+    train_shard,
+)
 
 READER = "Reader"  # the iterator finds the shard size through the reader's name
 
