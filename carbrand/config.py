@@ -9,6 +9,7 @@ naming the key, before any process group, GPU or dataset is touched.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -103,6 +104,9 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+# A number in exponent notation, e.g. 1e-3, 2E5, 1.0e3, .5e-2 (what YAML 1.1 leaves as a string)
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.loader": ("auto", "dali", "torchvision"),
@@ -221,6 +225,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 and 1.0e3 as strings; everyone means a number
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)  # paths and names like `2024` stay strings
