@@ -22,10 +22,12 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from carbrand.config import Config, config_from_dict, save_config
+from carbrand.config import Config, config_from_dict, safe_yaml_load, save_config
 from carbrand.errors import CarbrandError, ConfigError
+from carbrand.model import load_failure_reason, safe_torch_load
 
 STEP_PATTERN = re.compile(r"^step_(\d+)$")
 MODEL_FILE = "model.safetensors"
@@ -50,25 +52,43 @@ def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_directory_atomically(final: Path, write_into) -> Path:
-    """Call write_into(tmp_dir), fsync the files, then rename tmp_dir to `final` (replacing it)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
+    """Call write_into(tmp_dir), fsync the files, then rename tmp_dir to `final` (replacing it).
+
+    A disk error (full, read-only, quota, file too large) becomes one line naming the directory;
+    the temporary is removed and the previous `final`, if any, is left as it was.
+    """
     temporary = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir()
-    write_into(temporary)
-    for child in temporary.iterdir():
-        with child.open("rb") as handle:
-            os.fsync(handle.fileno())
-    if final.exists():
-        # rename() cannot replace a non-empty directory: move the old one aside first.
-        retired = final.parent / f".old-{final.name}-{os.getpid()}"
-        os.rename(final, retired)
-        os.rename(temporary, final)
-        shutil.rmtree(retired)
-    else:
-        os.rename(temporary, final)
+    retired = final.parent / f".old-{final.name}-{os.getpid()}"
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if temporary.exists():
+            shutil.rmtree(temporary)
+        temporary.mkdir()
+        write_into(temporary)
+        for child in temporary.iterdir():
+            with child.open("rb") as handle:
+                os.fsync(handle.fileno())
+        if final.exists():
+            # rename() cannot replace a non-empty directory: move the old one aside first.
+            os.rename(final, retired)
+            os.rename(temporary, final)
+            shutil.rmtree(retired)
+        else:
+            os.rename(temporary, final)
+    except (OSError, SafetensorError, RuntimeError) as error:  # safetensors and torch.save wrap I/O errors in theirs
+        shutil.rmtree(temporary, ignore_errors=True)
+        if retired.exists() and not final.exists():
+            os.rename(retired, final)
+        raise CarbrandError(f"could not write {final} ({_io_reason(error)}); the previous copy, if any, is intact") from None
     return final
+
+
+def _io_reason(error: Exception) -> str:
+    """'No space left on device', not 'Error while serializing: I/O error: No space left on device (os error 28)'."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return re.sub(r"^.*I/O error: (.*?)( \(os error \d+\))?$", r"\1", text)[:200]
 
 
 def save_export(directory: Path, state_dict: dict[str, torch.Tensor], classes: list[str], config: Config) -> Path:
@@ -83,6 +103,8 @@ def save_export(directory: Path, state_dict: dict[str, torch.Tensor], classes: l
 def load_export(directory: str | Path) -> Export:
     """Read an export (best/, a step checkpoint, or a copy) with one-line errors for anything off."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CarbrandError(f"checkpoint {directory} is a file; expected an export directory such as RUN/best")
     if not directory.is_dir():
         raise CarbrandError(f"checkpoint not found: {directory} (expected a directory such as RUN/best)")
     missing = [name for name in EXPORT_FILES if not (directory / name).is_file()]
@@ -99,10 +121,11 @@ def load_export(directory: str | Path) -> Export:
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise CarbrandError(f"{directory / 'classes.json'} must be a non-empty list of brand names")
     try:
-        raw = yaml.safe_load((directory / "config.yaml").read_text())
+        raw = safe_yaml_load((directory / "config.yaml").read_text())
         config = config_from_dict(raw or {})
     except (yaml.YAMLError, ConfigError) as error:
-        raise CarbrandError(f"{directory / 'config.yaml'} is not a valid carbrand config ({error})") from None
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]  # YAML errors add a source excerpt
+        raise CarbrandError(f"{directory / 'config.yaml'} is not a valid carbrand config ({reason})") from None
     return Export(directory=directory, state_dict=state_dict, classes=classes, config=config)
 
 
@@ -151,10 +174,22 @@ def save_training_checkpoint(
         save_config(config, into / "config.yaml")
 
     final = write_directory_atomically(run_dir / "checkpoints" / f"step_{step}", write)
-    _point_last_at(run_dir, final)
+    try:
+        _point_last_at(run_dir, final)
+    except OSError as error:
+        raise CarbrandError(f"could not point {run_dir / 'last'} at {final} ({error.strerror or error})") from None
     for _, old in step_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    _remove_crash_leftovers(final.parent)
     return final
+
+
+def _remove_crash_leftovers(folder: Path) -> None:
+    """Temporaries of a save that a crash or kill -9 interrupted (another process id): never resumed from, only space."""
+    ours = f"-{os.getpid()}"
+    for child in folder.iterdir():
+        if child.name.startswith((".tmp-", ".old-")) and not child.name.endswith(ours):
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def _point_last_at(run_dir: Path, target: Path) -> None:
@@ -180,10 +215,9 @@ def load_training_checkpoint(directory: Path) -> TrainingCheckpoint:
         model_state = load_file(str(directory / MODEL_FILE))
         ema_state = load_file(str(directory / EMA_FILE)) if (directory / EMA_FILE).is_file() else None
         # weights_only: a checkpoint from elsewhere can never run code while loading.
-        training_state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        training_state = safe_torch_load(directory / STATE_FILE)
     except Exception as error:
-        reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
-        raise CarbrandError(f"{directory} cannot be loaded safely ({reason})") from None
+        raise CarbrandError(f"{directory} cannot be loaded safely ({load_failure_reason(error)})") from None
     return TrainingCheckpoint(directory, model_state, ema_state, training_state)
 
 

@@ -105,6 +105,9 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# A number in exponent notation, e.g. 1e-3, 2E5, 1.0e3, .5e-2 (what YAML 1.1 leaves as a string)
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.loader": ("auto", "dali", "torchvision", "memory"),
     "data.decode": ("auto", "gpu", "cpu"),
@@ -152,7 +155,8 @@ _Yaml12BoolLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
-def _safe_load(text: str) -> Any:
+def safe_yaml_load(text: str) -> Any:
+    """yaml.safe_load with YAML 1.2 booleans: what every carbrand YAML file is read with."""
     return yaml.load(text, Loader=_Yaml12BoolLoader)  # noqa: S506 - a SafeLoader subclass
 
 
@@ -160,7 +164,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = _safe_load(path.read_text())
+        raw = safe_yaml_load(path.read_text())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -177,7 +181,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     try:
-        parsed = _safe_load(value) if value.strip() else ""
+        parsed = safe_yaml_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value  # a plain string YAML cannot parse, e.g. a path with ': '
     return key.strip(), parsed
@@ -238,6 +242,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 and 1.0e3 as strings; everyone means a number
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)  # paths and names like `2024` stay strings

@@ -9,6 +9,7 @@ local state-dict file (safetensors, or a torch file read with `weights_only=True
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,7 +53,24 @@ def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
                 f"({type(error).__name__}): download {url} to {path} (or point TORCH_HOME at a cache holding it), "
                 f"or set model.pretrained=none or model.pretrained=PATH"
             ) from None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return safe_torch_load(path)
+
+
+def safe_torch_load(path: Path):
+    """torch.load that never unpickles arbitrary objects (weights_only) and keeps its pickle-protocol chatter quiet."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Detected pickle protocol 4 ...": the refusal, if any, says what matters
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_failure_reason(error: Exception) -> str:
+    """The useful line of a failed load: what the safe loader refused, never torch's advice to turn weights_only off."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        skip = ("Please file an issue", "Check the documentation", "WeightsUnpickler error")
+        useful = [line for line in lines[1:] if not line.startswith(skip)]
+        return "refused by the weights-only loader: " + (useful[0] if useful else "not plain tensors")[:200]
+    return (lines or [type(error).__name__])[0][:200]
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -65,10 +83,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = safe_torch_load(path)
     except Exception as error:
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise CarbrandError(f"{path} is not a readable weights file ({reason})") from None
+        raise CarbrandError(f"{path} is not a readable weights file ({load_failure_reason(error)})") from None
     if isinstance(state, dict) and ("model" in state or "state_dict" in state):
         state = state.get("model", state.get("state_dict"))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import os
+import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -38,11 +41,13 @@ from carbrand.checkpoint import (
     plain_state_dict,
     save_export,
     save_training_checkpoint,
+    step_checkpoints,
 )
 from carbrand.config import Config, load_config, save_config
 from carbrand.data.loaders import build_eval_loader, build_train_loader, resolve_backend
 from carbrand.data.manifest import load_prepared
 from carbrand.errors import CarbrandError, ConfigError
+from carbrand.heartbeat import Heartbeat
 from carbrand.metrics import confusion_matrix, summarize
 from carbrand.model import build_model, load_classifier_state
 from carbrand.optimization import Schedule, build_optimizer, build_scheduler, peak_learning_rate
@@ -62,6 +67,7 @@ class Progress:
     best_metric: float = -1.0
     best_step: int = -1
     restarts: int = 0
+    skipped_steps: int = 0  # fp16: steps the grad scaler skipped for inf/NaN gradients (logged, not fatal)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,22 +105,45 @@ def make_accelerator(config: Config) -> Accelerator:
 
 
 def check_run_dir_writable(run_dir: Path) -> None:
-    """Fail now, not after hours of training, if checkpoints cannot be written."""
+    """Fail now, not after hours of training, if checkpoints cannot be written (create, fsync, remove a file)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-probe"
-        probe.write_text("ok")
+        probe = run_dir / f".write-probe-{os.getpid()}"
+        with probe.open("w") as handle:
+            handle.write("ok")
+            handle.flush()
+            os.fsync(handle.fileno())  # some filesystems (quota, NFS) only refuse at flush time
         probe.unlink()
     except OSError as error:
-        raise CarbrandError(f"run directory {run_dir} is not writable ({error.strerror or error})") from None
+        raise CarbrandError(f"run directory {run_dir} is not writable ({error.strerror or error}); "
+                            f"set output.dir to a writable directory") from None
 
 
 def train(config: Config) -> int:
     accelerator = make_accelerator(config)
+    heartbeat = Heartbeat(accelerator.process_index, accelerator.num_processes)
+    # Installed for the whole run: the SIGTERM a launcher sends survivors when a peer dies is then
+    # only recorded, and this rank still gets to say which peer was lost.
+    stop_request = StopRequest()
+    try:
+        return train_with(config, accelerator, stop_request)
+    except RuntimeError as error:
+        # A collective failed (a peer's connection reset) or timed out: name the lost rank in one line.
+        lost = heartbeat.describe_lost_peers() if accelerator.num_processes > 1 else None
+        if lost is None:
+            raise  # every peer is alive: a genuine bug, keep its traceback
+        # gloo/NCCL messages start with a source location and end in advice: keep the first sentence
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(error).strip().splitlines() or [type(error).__name__])[0])
+        reason = reason.split(". ")[0][:160]
+        raise CarbrandError(f"rank {accelerator.process_index} stops: {lost}; a collective failed ({reason}); "
+                            f"restart the job to resume from the newest checkpoint") from None
+    finally:
+        stop_request.restore()
+        heartbeat.stop()
+
+
+def train_with(config: Config, accelerator: Accelerator, stop_request: StopRequest) -> int:
     run_dir = Path(config.output.dir)
-    if accelerator.is_main_process:
-        check_run_dir_writable(run_dir)
-        save_config(config, run_dir / "config.yaml")
     t, world_size, rank = config.train, accelerator.num_processes, accelerator.process_index
 
     # Data: every rank reads the same manifest; loaders shard by global rank.
@@ -151,31 +180,28 @@ def train(config: Config) -> int:
     optimizer = build_optimizer(model, config.optim, peak_learning_rate(config.optim, global_batch_size), accelerator.device)
     scheduler = build_scheduler(optimizer, schedule)
 
-    # Resume before prepare: DDP then broadcasts the loaded weights to every rank.
-    progress, resumed_from, training_state = Progress(), find_resume_checkpoint(run_dir, t.resume), None
+    # Resume before prepare: DDP then broadcasts the loaded weights to every rank (Accelerate moves optimizer state).
+    progress, resumed_from, checkpoint = Progress(), find_resume_checkpoint(run_dir, t.resume), None
     if resumed_from is not None:
         checkpoint = load_training_checkpoint(resumed_from)
-        load_classifier_state(model, checkpoint.model_state, str(resumed_from))
-        training_state = checkpoint.training_state
-        progress = Progress(**training_state["progress"])
+        progress = restore_training_state(checkpoint, model, optimizer, scheduler, accelerator)
         progress.restarts += 1
-        if training_state.get("world_size") != world_size and progress.batch_in_epoch:
+        if checkpoint.training_state.get("world_size") != world_size and progress.batch_in_epoch:
             # the position inside the epoch was counted in the old shards: redo this epoch's data from its start
             accelerator.print(f"carbrand: warning: resuming with {world_size} processes instead of "
-                              f"{training_state.get('world_size')}; epoch {progress.epoch} restarts its data order")
+                              f"{checkpoint.training_state.get('world_size')}; epoch {progress.epoch} restarts its data order")
             progress.batch_in_epoch = 0
+    # Every input is read and valid: only now touch the disk, and fail here, not hours later, if it cannot be written.
+    if accelerator.is_main_process:
+        check_run_dir_writable(run_dir)
+        save_config(config, run_dir / "config.yaml")
     model, optimizer = accelerator.prepare(model, optimizer)
-    if training_state is not None:
-        optimizer.load_state_dict(training_state["optimizer"])
-        scheduler.load_state_dict(training_state["scheduler"])
-        if accelerator.scaler is not None and training_state.get("scaler"):
-            accelerator.scaler.load_state_dict(training_state["scaler"])
     unwrapped_model = accelerator.unwrap_model(model)
     ema_model = None
     if t.ema_decay > 0:
         ema_model = torch.optim.swa_utils.AveragedModel(
             unwrapped_model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
-        if resumed_from is not None and checkpoint.ema_state is not None:
+        if checkpoint is not None and checkpoint.ema_state is not None:
             load_classifier_state(ema_model.module, checkpoint.ema_state, str(resumed_from))
 
     tracker = Tracker(run_dir, config, is_main=accelerator.is_main_process)
@@ -188,16 +214,16 @@ def train(config: Config) -> int:
     tracker.log({"run/restarts": progress.restarts, "run/world_size": world_size,
                  "run/global_batch_size": global_batch_size, "run/total_steps": total_steps}, step=progress.step)
 
-    stop_request = StopRequest()
     state = dict(accelerator=accelerator, model=model, unwrapped_model=unwrapped_model, ema_model=ema_model,
                  optimizer=optimizer, scheduler=scheduler, config=config, classes=classes, run_dir=run_dir,
-                 progress=progress, tracker=tracker, micro_batches_per_epoch=steps_per_epoch * t.grad_accum_steps)
+                 progress=progress, tracker=tracker, micro_batches_per_epoch=steps_per_epoch * t.grad_accum_steps,
+                 # first optimizer step whose loss was NaN/inf (0 = none); on the device, read only at sync points
+                 first_nonfinite_step=torch.zeros((), dtype=torch.long, device=accelerator.device))
     exit_code = 1  # what W&B records if the loop raises
     try:
         exit_code = train_loop(state, train_loader, val_loader, total_steps, stop_request)
         check_ranks_agree(state)
     finally:
-        stop_request.restore()
         train_loader.close()
         if val_loader is not None:
             val_loader.close()
@@ -209,6 +235,24 @@ def train(config: Config) -> int:
               f"at step {progress.best_step}; model in {run_dir / 'best'}")
     accelerator.end_training()
     return exit_code
+
+
+def restore_training_state(checkpoint, model, optimizer, scheduler, accelerator) -> Progress:
+    """Weights, optimizer, schedule, scaler and counters from a checkpoint; anything that does not fit is one line."""
+    load_classifier_state(model, checkpoint.model_state, str(checkpoint.directory))
+    saved = checkpoint.training_state
+    try:
+        progress = Progress(**saved["progress"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if accelerator.scaler is not None and saved.get("scaler"):
+            accelerator.scaler.load_state_dict(saved["scaler"])
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise CarbrandError(f"{checkpoint.directory}: its training state does not fit this run ({type(error).__name__}: "
+                            f"{reason}); was it written with another optim.name? use another output.dir or "
+                            f"train.resume=never") from None
+    return progress
 
 
 def train_loop(state: dict, train_loader, val_loader, total_steps: int, stop_request: StopRequest) -> int:
@@ -230,6 +274,7 @@ def run_epochs(state: dict, train_loader, val_loader, total_steps: int, stop_req
     # "paused": seconds spent validating/checkpointing, kept out of images/s and the wait fraction
     window = {"loss": torch.zeros((), device=accelerator.device), "micro": 0, "images": 0, "wait": 0.0,
               "paused": 0.0, "start": time.perf_counter()}
+    step_loss_nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # in this optimizer step
     while progress.step < total_steps:
         model.train()
         train_loader.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
@@ -240,13 +285,21 @@ def run_epochs(state: dict, train_loader, val_loader, total_steps: int, stop_req
             window["wait"] += time.perf_counter() - wait_start
             loss = train_step(accelerator, model, optimizer, images, labels, t.label_smoothing, config.optim.grad_clip_norm)
             window["loss"] += loss  # stays on the device: no host sync here
+            step_loss_nonfinite |= ~torch.isfinite(loss)
             window["micro"] += 1
             window["images"] += images.shape[0]
             progress.batch_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue
-            if not accelerator.optimizer_step_was_skipped:  # fp16 scaler skipped an inf step: keep the schedule
+            if accelerator.optimizer_step_was_skipped:
+                # fp16 grad scaler found inf/NaN gradients and skipped the step (its routine): counted, not fatal;
+                # the weights are untouched and the schedule does not advance
+                progress.skipped_steps += 1
+            else:
                 scheduler.step()
+                first = state["first_nonfinite_step"]  # remember the first applied step with a NaN/inf loss
+                state["first_nonfinite_step"] = torch.where(step_loss_nonfinite & (first == 0), progress.step + 1, first)
+            step_loss_nonfinite.zero_()
             if ema_model is not None:
                 ema_model.update_parameters(state["unwrapped_model"])
             progress.step += 1
@@ -290,13 +343,10 @@ def train_step(accelerator, model, optimizer, images, labels, label_smoothing: f
 def log_window(state: dict, window: dict, bar) -> None:
     """Every `log_every` steps: the one place the loop syncs with the device."""
     accelerator, progress, tracker = state["accelerator"], state["progress"], state["tracker"]
+    stop_if_diverged(state)
     mean_loss = accelerator.reduce(window["loss"], reduction="mean").item() / max(1, window["micro"])  # host sync
     # read the clock after the sync: before it, the device may still be running queued steps
     seconds = time.perf_counter() - window["start"] - window["paused"]
-    if not torch.isfinite(torch.tensor(mean_loss)):
-        last = state["run_dir"] / "last"
-        raise CarbrandError(f"training loss became non-finite ({mean_loss}) before step {progress.step}; "
-                            f"lower optim.lr or use bf16; last good checkpoint: {last.resolve() if last.exists() else 'none'}")
     images_per_second = window["images"] * accelerator.num_processes / max(seconds, 1e-9)
     metrics = {
         "train/loss": mean_loss,
@@ -305,6 +355,8 @@ def log_window(state: dict, window: dict, bar) -> None:
         "train/data_wait_fraction": window["wait"] / max(seconds, 1e-9),
         "train/epoch": progress.epoch + progress.batch_in_epoch / state["micro_batches_per_epoch"],
     }
+    if accelerator.scaler is not None or progress.skipped_steps:
+        metrics["train/skipped_steps"] = progress.skipped_steps  # fp16 scaler skips since the start of the run
     if accelerator.device.type == "cuda":
         metrics["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
     tracker.log(metrics, step=progress.step)
@@ -340,6 +392,7 @@ def validate_and_keep_best(state: dict, loader) -> None:
     if loader is None:
         return
     progress, config = state["progress"], state["config"]
+    stop_if_diverged(state)  # a diverged model must not become best/
     summary = validate(state, loader)
     state["tracker"].log({f"val/{k}": v for k, v in summary.items()} | {"epoch": progress.epoch}, step=progress.step)
     score = summary[config.train.best_metric]
@@ -359,8 +412,30 @@ def export_model(state: dict) -> None:
     save_export(state["run_dir"] / "best", plain_state_dict(source), state["classes"], state["config"])
 
 
+def stop_if_diverged(state: dict) -> None:
+    """Before logging, validating or saving: stop if any rank applied a NaN/inf loss or holds NaN/inf weights.
+
+    One small gather (a host sync) at points that sync anyway, so nothing from a blown-up step
+    is ever saved: the newest checkpoint is always from before it.
+    """
+    accelerator, progress = state["accelerator"], state["progress"]
+    weights_finite = torch.stack([p.detach().isfinite().all() for p in state["unwrapped_model"].parameters()]).all()
+    local = torch.stack([state["first_nonfinite_step"], (~weights_finite).long()]).reshape(1, 2)
+    found = accelerator.gather(local)  # one row per rank: first non-finite step (0 = none), weights non-finite
+    steps = [s for s in found[:, 0].tolist() if s > 0]
+    if not steps and not found[:, 1].any():
+        return
+    what = (f"the loss became NaN or inf at step {min(steps)}" if steps
+            else f"the weights became NaN or inf by step {progress.step}")
+    saved = step_checkpoints(state["run_dir"])
+    newest = f"{saved[-1][1]} (step {saved[-1][0]})" if saved else "none yet"
+    raise CarbrandError(f"training diverged: {what}; stopped without saving it. Newest checkpoint, from before: {newest}. "
+                        f"Lower optim.lr, raise optim.warmup_epochs or set optim.grad_clip_norm")
+
+
 def save_checkpoint(state: dict) -> None:
     accelerator, progress, config = state["accelerator"], state["progress"], state["config"]
+    stop_if_diverged(state)
     if accelerator.is_main_process:
         training_state = {
             "progress": vars(progress).copy(),
@@ -394,8 +469,10 @@ def stop_gracefully(state: dict, stop_request: StopRequest, already_saved: bool 
     accelerator, step = state["accelerator"], state["progress"].step
     ranks_signalled = stop_request.ranks_signalled(accelerator)
     state["tracker"].log({"run/stop_signal": stop_request.received or 0, "run/ranks_signalled": ranks_signalled}, step=step)
-    accelerator.print(f"carbrand: stop requested (signal {stop_request.received}, received by {ranks_signalled} of "
-                      f"{accelerator.num_processes} ranks); checkpoint saved at step {step}; resume with train.resume=auto")
+    # the main process may not be the rank that received the signal
+    received = signal.Signals(stop_request.received).name if stop_request.received else "a signal to another rank"
+    accelerator.print(f"carbrand: stop requested ({received}); checkpoint saved at step {step}; "
+                      f"resume with train.resume=auto ({ranks_signalled} of {accelerator.num_processes} ranks got the signal)")
     return EXIT_CODE_PREEMPTED
 
 

@@ -39,6 +39,16 @@ def test_overrides_are_typed(tmp_path):
     assert config.optim.warmup_epochs == 2.0 and isinstance(config.optim.warmup_epochs, float)
 
 
+def test_exponent_notation_is_a_float():
+    """YAML 1.1 (PyYAML) leaves 1e-3 and 1.0e3 as strings; for a float key they are what the user meant."""
+    config = load_config(None, ["optim.lr=1e-3", "optim.weight_decay=5.0e2", "optim.momentum=.5E-1"])
+    assert (config.optim.lr, config.optim.weight_decay, config.optim.momentum) == (0.001, 500.0, 0.05)
+    with pytest.raises(ConfigError, match="'data.batch_size' must be of type int"):
+        load_config(None, ["data.batch_size=1e3"])
+    with pytest.raises(ConfigError, match="'optim.lr' must be of type float"):
+        load_config(None, ["optim.lr=1e"])
+
+
 def test_override_wins_over_file(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"data": {"batch_size": 32}, "train": {"epochs": 3}}))

@@ -80,8 +80,6 @@ def prepare_dataset(source: str | Path, out: str | Path, options: PrepareOptions
         raise UsageError(f"--out {out} is the source folder itself: choose a separate output folder")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
-    # A failed run must not leave an older manifest that looks valid next to new files.
-    (out / "manifest.json").unlink(missing_ok=True)
 
     found = discover(source, options.format, options.images, exclude=out)
     if options.crop_boxes and found.format != "stanford-cars":
@@ -89,6 +87,9 @@ def prepare_dataset(source: str | Path, out: str | Path, options: PrepareOptions
     if not found.items:
         raise DataError(f"no images under {source} (looked for {', '.join(IMAGE_EXTENSIONS)} inside brand folders; {len(found.skipped)} other file(s) skipped)")
     scanned = time.perf_counter()
+    # From here on files may be written (crops): a failed run must not leave an older manifest that looks
+    # valid next to them. A bad source or option (above) leaves OUT untouched.
+    (out / "manifest.json").unlink(missing_ok=True)
 
     tasks = [_task(item, found, out, options.crop_boxes) for item in found.items]
     verified = verify_images(tasks, Limits(options.min_side, options.max_pixels), options.workers, progress=not options.quiet)

@@ -1,0 +1,77 @@
+"""Killed while writing a checkpoint: the half-written one is never resumed from; the previous one still loads."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from carbrand.checkpoint import find_resume_checkpoint, load_export_model, load_training_checkpoint
+from carbrand.model import build_model, load_classifier_state
+from faults.processes import FAULTS, TINY, fault_environment, start_training
+from training_runs import REPO, run_training
+
+COMMON = ("data.loader=torchvision", "train.max_steps=8", "train.log_every=2", "train.checkpoint_every_steps=3")
+
+
+@pytest.mark.slow
+def test_kill_while_saving_a_step_checkpoint(prepared_cars5, tmp_path):
+    run_dir = tmp_path / "run"
+    wrapper = [sys.executable, str(FAULTS / "kill_during_save.py"), "6"]
+    run = start_training(prepared_cars5, run_dir, *COMMON, logs=tmp_path / "logs", wrapper=wrapper)
+    assert run.wait(timeout=300) == -9, run.stderr[-3000:]
+
+    checkpoints = run_dir / "checkpoints"
+    half_written = [p for p in checkpoints.iterdir() if p.name.startswith(".tmp-step_6-")]
+    assert len(half_written) == 1 and not (checkpoints / "step_6").exists(), sorted(checkpoints.iterdir())
+    assert [p.name for p in half_written[0].iterdir()] == ["model.safetensors"], "the kill must come mid-save"
+    previous = checkpoints / "step_3"
+    assert find_resume_checkpoint(run_dir, "auto") == previous
+    assert (run_dir / "last").resolve() == previous.resolve()
+    loaded = load_training_checkpoint(previous)
+    load_classifier_state(build_model("resnet18", 5), loaded.model_state, str(previous))
+    assert loaded.training_state["progress"]["step"] == 3
+
+    result = run_training(prepared_cars5, run_dir, *TINY, *COMMON, env=fault_environment())  # train.resume: auto
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {previous} at step 3" in result.stdout
+    assert (checkpoints / "step_6").is_dir() and (checkpoints / "step_8").is_dir()
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")], "the crash's leftovers are cleaned up"
+
+
+# Replacing best/ goes through the same temporary-then-rename path: kill it half-way and read the old one.
+REPLACE_BEST_AND_DIE = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    import carbrand.checkpoint as checkpoint
+    from carbrand.config import load_config
+    from carbrand.model import build_model
+
+    best, classes = sys.argv[1], ["audi", "bmw", "ferrari", "lamborghini", "mercedes"]
+    config = load_config(None, ["model.arch=resnet18"])
+    torch.manual_seed(0)
+    checkpoint.save_export(checkpoint.Path(best), checkpoint.plain_state_dict(build_model("resnet18", 5)), classes, config)
+    write = checkpoint.save_file
+
+    def write_half_then_die(tensors, filename, metadata=None):
+        write(tensors, filename, metadata=metadata)
+        os.truncate(filename, os.path.getsize(filename) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.save_file = write_half_then_die
+    torch.manual_seed(1)
+    checkpoint.save_export(checkpoint.Path(best), checkpoint.plain_state_dict(build_model("resnet18", 5)), classes, config)
+""")
+
+
+def test_kill_while_replacing_best_keeps_the_old_export(tmp_path):
+    best = tmp_path / "run" / "best"
+    result = subprocess.run([sys.executable, "-c", REPLACE_BEST_AND_DIE, str(best)], capture_output=True, text=True,
+                            timeout=300, env=fault_environment(), cwd=REPO)
+    assert result.returncode == -9, result.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".tmp-best-")], "the kill must come mid-save"
+    model, export = load_export_model(best)
+    torch.manual_seed(0)
+    first = build_model("resnet18", 5).state_dict()
+    assert all(torch.equal(first[k], v) for k, v in model.state_dict().items()), "best/ must still be the first export"

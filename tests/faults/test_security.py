@@ -1,0 +1,136 @@
+"""Hostile files: pickle payloads are refused and never run, YAML tags build nothing, manifest paths stay in the root.
+
+The W&B API key never reaching logs, saved configs or metrics.jsonl is checked where a key is in
+use: tests/faults/test_wandb_unreachable.py (online) and
+tests/test_train.py::test_wandb_offline_run_holds_the_logged_values (offline).
+In-process checks of the loaders themselves: tests/test_model.py::test_pickle_payload_is_refused_and_never_executed,
+tests/test_config.py::test_yaml_is_loaded_safely.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from carbrand import cli
+from carbrand.checkpoint import plain_state_dict, save_export
+from carbrand.config import load_config
+from carbrand.model import build_model
+from faults.processes import error_line, start_training, tree
+from training_runs import CPU_RECIPE
+
+CARS5 = ["audi", "bmw", "ferrari", "lamborghini", "mercedes"]
+
+
+class Payload:
+    """Unpickling this runs a shell command that creates `marker`: the proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def run_cli(*arguments, capsys) -> tuple[int, str]:
+    try:
+        code = cli.main([str(a) for a in arguments])
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err, captured.err
+    return code, captured.err.strip()
+
+
+@pytest.fixture
+def export(tmp_path) -> Path:
+    config = load_config(None, ["model.arch=resnet18", "data.image_size=32", "wandb.mode=disabled"])
+    return save_export(tmp_path / "best", plain_state_dict(build_model("resnet18", 5)), CARS5, config)
+
+
+@pytest.fixture
+def photo(cars5_dir) -> Path:
+    return sorted((cars5_dir / "test" / "bmw").iterdir())[0]
+
+
+@pytest.mark.slow
+def test_payload_in_a_training_checkpoint_is_refused_by_resume_auto(prepared_cars5, tmp_path):
+    """A real `carbrand train` process finds a planted checkpoint in its run directory and refuses it."""
+    run_dir, marker = tmp_path / "run", tmp_path / "payload-ran"
+    planted = run_dir / "checkpoints" / "step_3"
+    planted.mkdir(parents=True)
+    save_file(plain_state_dict(build_model("resnet18", 5)), str(planted / "model.safetensors"))
+    torch.save({"progress": Payload(marker), "optimizer": {}, "scheduler": {}}, planted / "training_state.pt")
+    before = tree(run_dir)
+    run = start_training(prepared_cars5, run_dir, "data.loader=torchvision", "train.max_steps=2", logs=tmp_path / "logs")
+    assert run.wait(timeout=300) == 1, run.stderr[-3000:]
+    line = error_line(run.stderr)
+    assert line == (f"carbrand train: error: {planted} cannot be loaded safely (refused by the weights-only loader: "
+                    f"Trying to load unsupported GLOBAL posix.system whose module posix is blocked.)"), line
+    assert run.stderr.strip() == line and not marker.exists()
+    assert tree(run_dir) == before, "refused before anything was written"
+
+
+@pytest.mark.parametrize("where", ["export weights (predict)", "export weights (evaluate)", "pretrained weights (train)"])
+def test_payload_in_weights_is_refused_and_never_executed(where, export, photo, prepared_cars5, tmp_path, capsys,
+                                                          fresh_accelerate_state):
+    marker = tmp_path / "payload-ran"
+    if where.startswith("export"):
+        (export / "model.safetensors").write_bytes(pickle.dumps({"fc.weight": Payload(marker)}))
+        arguments = (["predict", "--checkpoint", export, photo] if "predict" in where else
+                     ["evaluate", "--checkpoint", export, "--data", prepared_cars5, "--out", tmp_path / "eval"])
+        expected = f"{export / 'model.safetensors'} is not a valid safetensors file"
+    else:
+        weights = tmp_path / "weights.pt"
+        torch.save({"conv1.weight": Payload(marker)}, weights)
+        arguments = ["train", "--config", CPU_RECIPE, f"data.manifest={prepared_cars5}", f"output.dir={tmp_path / 'run'}",
+                     "data.loader=torchvision", f"model.pretrained={weights}"]
+        expected = (f"{weights} is not a readable weights file "
+                    f"(refused by the weights-only loader: Trying to load unsupported GLOBAL")
+    code, err = run_cli(*arguments, capsys=capsys)
+    assert code == 1 and len(err.splitlines()) == 1 and expected in err, err
+    assert not marker.exists(), "the payload ran"
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("where", ["recipe (train)", "export config (predict)"])
+def test_yaml_python_tags_build_nothing(where, export, photo, tmp_path, capsys):
+    marker = tmp_path / "yaml-ran"
+    tag = f"!!python/object/apply:os.system ['touch {marker}']"
+    if where.startswith("recipe"):
+        recipe = tmp_path / "evil.yaml"
+        recipe.write_text(f"data:\n  manifest: {tag}\n")
+        code, err = run_cli("train", "--config", recipe, capsys=capsys)
+        assert code == 2 and f"config file {recipe} is not valid YAML" in err, err
+    else:
+        (export / "config.yaml").write_text(f"model: {tag}\n")
+        code, err = run_cli("predict", "--checkpoint", export, photo, capsys=capsys)
+        assert code == 1 and f"{export / 'config.yaml'} is not a valid carbrand config" in err, err
+    assert len(err.splitlines()) == 1 and not marker.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+@pytest.mark.parametrize("path, refusal", [("../outside.jpg", "escapes the dataset root"),
+                                           ("/etc/hostname", "absolute image path")], ids=["dot-dot", "absolute"])
+def test_manifest_paths_cannot_leave_the_dataset_root(command, path, refusal, prepared_cars5, export, tmp_path, capsys,
+                                                      fresh_accelerate_state):
+    prepared = tmp_path / "prepared"
+    shutil.copytree(prepared_cars5, prepared)
+    split = "train" if command == "train" else "test"
+    rows = (prepared / f"{split}.csv").read_text().splitlines()
+    (prepared / f"{split}.csv").write_text("\n".join([rows[0], f"{path},0,audi", *rows[1:]]) + "\n")
+    if command == "train":
+        arguments = ["train", "--config", CPU_RECIPE, f"data.manifest={prepared}", f"output.dir={tmp_path / 'out'}",
+                     "data.loader=torchvision"]
+    else:
+        arguments = ["evaluate", "--checkpoint", export, "--data", prepared, "--out", tmp_path / "out"]
+    code, err = run_cli(*arguments, capsys=capsys)
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert f"{prepared / f'{split}.csv'}:2: " in err and refusal in err and repr(path) in err, err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,46 @@
+"""W&B online with its server unreachable: training goes on, logs locally, warns once, and the API key leaks nowhere.
+
+(The offline run's history and the key's absence there: tests/test_train.py::test_wandb_offline_run_holds_the_logged_values.)
+"""
+
+import socket
+
+import pytest
+
+from faults.processes import fault_environment, start_training
+from training_runs import read_metrics
+
+API_KEY = "carbrand" + "0123456789abcdef" * 2  # 40 characters, the shape of a real key
+
+
+def closed_port() -> int:
+    """A local port nothing listens on: connections are refused at once, as with a server that is down."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_unreachable_server_warns_once_and_training_finishes(prepared_cars5, tmp_path):
+    run_dir, home = tmp_path / "run", tmp_path / "home"
+    home.mkdir()
+    env = fault_environment() | {
+        "WANDB_MODE": "online", "WANDB_BASE_URL": f"http://127.0.0.1:{closed_port()}", "WANDB_API_KEY": API_KEY,
+        "CARBRAND_WANDB_INIT_TIMEOUT": "5", "HOME": str(home),  # W&B's settings and any credential file land here
+    }
+    env.pop("WANDB_SILENT")  # everything W&B would say to a user
+    run = start_training(prepared_cars5, run_dir, "data.loader=torchvision", "train.max_steps=4", "train.log_every=1",
+                         "train.checkpoint_every_steps=2", "wandb.mode=online", logs=tmp_path / "logs", env=env)
+    assert run.wait(timeout=300) == 0, run.stderr[-3000:]
+
+    warnings = [line for line in run.stderr.replace("\r", "\n").splitlines() if "warn" in line.lower()]
+    assert len(warnings) == 1 and warnings[0].startswith("carbrand: warning: W&B could not start in online mode"), warnings
+    assert str(run_dir / "metrics.jsonl") in warnings[0]
+    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [1, 2, 3, 4]
+    assert (run_dir / "best" / "model.safetensors").is_file()
+
+    saved = [p for p in [*run_dir.rglob("*"), *home.rglob("*")] if p.is_file()]
+    assert run_dir / "config.yaml" in saved and run_dir / "checkpoints" / "step_4" / "config.yaml" in saved
+    for path in saved:
+        assert API_KEY.encode() not in path.read_bytes(), f"the API key was written to {path}"
+    assert API_KEY not in run.stdout + run.stderr
