@@ -29,6 +29,7 @@ PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sque
 MUNGE_KEY = Path("/etc/munge/munge.key")
 # A job in one of these states is over; a requeued one goes back to PENDING (same job id).
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+REQUEUE_SETTLE_S = 5  # after a requeue, wait this long (and for idle nodes) before lifting the hold
 INSTALL_HINT = "apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge (tests/run.sh does it)"
 
 
@@ -200,9 +201,12 @@ class SlurmCluster:
         """Poll until the job is over for good, through any requeues; returns its last `scontrol show job`.
 
         SLURM holds a requeued job back for about two minutes (Reason=BeginTime) so that its
-        nodes can be cleaned up; this cluster has nothing to clean, so the hold is lifted.
+        nodes can be cleaned up. Here the hold is lifted as soon as every node is idle again and
+        a few seconds have passed: lifted any earlier, the relaunch can meet the old instance's
+        revoked credential on a node still tearing it down, and the job fails ("Job credential
+        revoked"), which real clusters never see because of that hold.
         """
-        deadline, seen = time.monotonic() + timeout, {}
+        deadline, seen, held_since = time.monotonic() + timeout, {}, None
         while time.monotonic() < deadline:
             self._check_alive()
             state = self.job_state(job_id)
@@ -214,7 +218,11 @@ class SlurmCluster:
                 if again.get("JobState", state["JobState"]) in FINAL_STATES:
                     return again or state
             elif state["JobState"] == "PENDING" and state.get("Reason") == "BeginTime" and state.get("Restarts", "0") != "0":
-                self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
+                held_since = held_since or time.monotonic()
+                node_states = self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False).stdout.split()
+                if time.monotonic() - held_since > REQUEUE_SETTLE_S and node_states and set(node_states) == {"idle"}:
+                    self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
+                    held_since = None
             seen = state
             time.sleep(0.25)
         raise ClusterError(f"job {job_id} still {seen.get('JobState')} after {timeout:.0f} s")
