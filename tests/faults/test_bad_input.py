@@ -3,9 +3,9 @@ nothing changed on disk.
 
 Each row runs the real `carbrand` dispatcher (carbrand.cli.main) in-process: an exception it
 does not turn into one line fails the test, as it would print a traceback. Add a row per new
-case, e.g. for `carbrand bench`:
+case, e.g.
 
-    ("bench", "missing dataset", "bench data --data {missing}", 1, "{missing}"),
+    ("bench", "missing dataset", BENCH_DATA.replace("{prepared}", "{missing}"), 1, "{missing}"),
 
 Deeper checks of single commands live beside them: tests/test_config.py (every bad config
 value names its key), tests/test_evaluate.py::test_bad_inputs_fail_with_one_line_and_write_nothing,
@@ -35,6 +35,8 @@ CARS5 = ["audi", "bmw", "ferrari", "lamborghini", "mercedes"]
 TRAIN = "train --config {recipe} data.manifest={prepared} output.dir={out} data.loader=torchvision data.workers=0"
 EVALUATE = "evaluate --checkpoint {export} --data {prepared} --out {out}"
 PREDICT = "predict --checkpoint {export} {photo}"
+BENCH_DATA = "bench data --manifest {prepared} --backends torchvision --workers 1 --batches 1 --out {out}.json"
+BENCH_TRAIN = "bench train --config {recipe} data.manifest={prepared} --steps 1 --warmup-steps 1 --out {out}.json"
 
 CASES = [
     # (command, bad input, arguments with {fields} of the `inputs` fixture, exit code, what the line must name)
@@ -79,6 +81,15 @@ CASES = [
     ("predict", "export config: unknown key", PREDICT.replace("{export}", "{export_unknown_key}"), 1, "carbrand config"),
     ("predict", "impossible value", PREDICT + " --topk 0", 2, "--topk"),
     ("predict", "wrong type", PREDICT + " --topk three", 2, "--topk"),
+    ("bench", "missing dataset", BENCH_DATA.replace("{prepared}", "{missing}"), 1, "{missing}"),
+    ("bench", "empty dataset", BENCH_DATA.replace("{prepared}", "{empty_dataset}"), 1, "no samples"),
+    ("bench", "manifest from an older format", BENCH_DATA.replace("{prepared}", "{old_manifest}"), 1, "format_version 0"),
+    ("bench", "impossible value", BENCH_DATA + " --batches 0", 2, "--batches"),
+    ("bench", "unknown backend", BENCH_DATA.replace("torchvision", "opencv"), 2, "opencv"),
+    ("bench", "missing config", BENCH_TRAIN.replace("{recipe}", "{missing}"), 2, "{missing}"),
+    ("bench", "config with an unknown key", BENCH_TRAIN.replace("{recipe}", "{unknown_key_recipe}"), 2, "optim.learning_rate"),
+    ("bench", "config value of the wrong type", BENCH_TRAIN + " data.batch_size=sixteen", 2, "data.batch_size"),
+    ("bench", "output folder missing", BENCH_TRAIN.replace("{out}.json", "{missing}/report.json"), 2, "{missing}"),
 ]
 
 
