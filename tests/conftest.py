@@ -13,22 +13,23 @@ import pytest
 SHARED_DATA = Path(os.environ.get("CARBRAND_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
+def shared_folder(name: str, what: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.fail(f"{what} missing: {path} (clone the repository next to shared/, or set CARBRAND_TEST_DATA)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def cars5_dir() -> Path:
     """400 real photos: train/<brand>/ (60 each) and test/<brand>/ (20 each), 5 brands."""
-    path = SHARED_DATA / "cars5"
-    if not path.is_dir():
-        pytest.fail(f"test photos missing: {path} (clone the repository next to shared/, or set CARBRAND_TEST_DATA)")
-    return path
+    return shared_folder("cars5", "test photos")
 
 
 @pytest.fixture(scope="session")
 def devkit_dir() -> Path:
     """The real Stanford Cars annotation files (cars_meta.mat, cars_train_annos.mat, cars_test_annos.mat)."""
-    path = SHARED_DATA / "stanford_cars_devkit"
-    if not path.is_dir():
-        pytest.fail(f"Stanford Cars devkit missing: {path} (clone the repository next to shared/, or set CARBRAND_TEST_DATA)")
-    return path
+    return shared_folder("stanford_cars_devkit", "Stanford Cars devkit")
 
 
 @pytest.fixture(scope="session")
