@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from carbrand.config import Config, config_from_dict, safe_yaml_load, save_config
-from carbrand.errors import CarbrandError, ConfigError
+from carbrand.errors import CarbrandError, ConfigError, first_line
+from carbrand.filesystem import write_directory_atomically
 from carbrand.model import load_failure_reason, safe_torch_load
 
 STEP_PATTERN = re.compile(r"^step_(\d+)$")
@@ -49,46 +49,6 @@ def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from carbrand.model import strip_wrapper_prefixes
 
     return {strip_wrapper_prefixes(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-
-
-def write_directory_atomically(final: Path, write_into) -> Path:
-    """Call write_into(tmp_dir), fsync the files, then rename tmp_dir to `final` (replacing it).
-
-    A disk error (full, read-only, quota, file too large) becomes one line naming the directory;
-    the temporary is removed and the previous `final`, if any, is left as it was.
-    """
-    temporary = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    retired = final.parent / f".old-{final.name}-{os.getpid()}"
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if temporary.exists():
-            shutil.rmtree(temporary)
-        temporary.mkdir()
-        write_into(temporary)
-        for child in temporary.iterdir():
-            with child.open("rb") as handle:
-                os.fsync(handle.fileno())
-        if final.exists():
-            # rename() cannot replace a non-empty directory: move the old one aside first.
-            os.rename(final, retired)
-            os.rename(temporary, final)
-            shutil.rmtree(retired)
-        else:
-            os.rename(temporary, final)
-    except (OSError, SafetensorError, RuntimeError) as error:  # safetensors and torch.save wrap I/O errors in theirs
-        shutil.rmtree(temporary, ignore_errors=True)
-        if retired.exists() and not final.exists():
-            os.rename(retired, final)
-        raise CarbrandError(f"could not write {final} ({_io_reason(error)}); the previous copy, if any, is intact") from None
-    return final
-
-
-def _io_reason(error: Exception) -> str:
-    """'No space left on device', not 'Error while serializing: I/O error: No space left on device (os error 28)'."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return re.sub(r"^.*I/O error: (.*?)( \(os error \d+\))?$", r"\1", text)[:200]
 
 
 def save_export(directory: Path, state_dict: dict[str, torch.Tensor], classes: list[str], config: Config) -> Path:
@@ -124,8 +84,8 @@ def load_export(directory: str | Path) -> Export:
         raw = safe_yaml_load((directory / "config.yaml").read_text())
         config = config_from_dict(raw or {})
     except (yaml.YAMLError, ConfigError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]  # YAML errors add a source excerpt
-        raise CarbrandError(f"{directory / 'config.yaml'} is not a valid carbrand config ({reason})") from None
+        # YAML errors add a source excerpt after the first line
+        raise CarbrandError(f"{directory / 'config.yaml'} is not a valid carbrand config ({first_line(error)})") from None
     return Export(directory=directory, state_dict=state_dict, classes=classes, config=config)
 
 

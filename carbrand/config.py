@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from carbrand.errors import ConfigError
+from carbrand.precision import PRECISIONS
 
 
 @dataclass
@@ -49,7 +50,7 @@ class OptimConfig:
     name: str = "sgd"  # sgd | adamw
     lr: float = 0.1  # learning rate for a global batch of lr_reference_batch images
     lr_reference_batch: int = 256  # lr is scaled by global_batch / this (0 = no scaling)
-    momentum: float = 0.9  # SGD momentum (AdamW uses beta1 = 0.9)
+    momentum: float = 0.9  # SGD momentum; AdamW uses it as beta1 (betas = (momentum, 0.999))
     nesterov: bool = False  # SGD Nesterov momentum
     weight_decay: float = 5.0e-5  # not applied to norm layers and biases
     warmup_epochs: float = 1.0  # linear warm-up from 0, then cosine decay
@@ -113,7 +114,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.decode": ("auto", "gpu", "cpu"),
     "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
     "optim.name": ("sgd", "adamw"),
-    "train.precision": ("no", "bf16", "fp16"),
+    "train.precision": PRECISIONS,
     "train.best_metric": ("accuracy", "macro_f1"),
     "wandb.mode": ("online", "offline", "disabled"),
 }

@@ -19,3 +19,15 @@ class ConfigError(UsageError):
 
 class DataError(CarbrandError):
     """A dataset, manifest or image that cannot be used as given."""
+
+
+def first_line(error: BaseException | str, limit: int = 200) -> str:
+    """The first non-empty line of an error's text (or its type name), at most `limit` characters.
+
+    Library errors often add source excerpts, advice or whole tracebacks after the first
+    line; a one-line message keeps only what names the problem.
+    """
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    fallback = type(error).__name__ if isinstance(error, BaseException) else "error"
+    return (lines[0] if lines else fallback)[:limit]

@@ -40,7 +40,8 @@ import torch
 
 from carbrand.checkpoint import load_export_model
 from carbrand.errors import DataError, UsageError
-from carbrand.inference import PRECISIONS, input_dtype, place_model, predict_batches, resolve_precision
+from carbrand.inference import PRECISIONS, place_model, predict_batches, resolve_precision
+from carbrand.precision import input_dtype
 
 UNKNOWN_BRAND_MODES = ("error", "report")
 
@@ -142,9 +143,9 @@ def run(args: argparse.Namespace) -> int:
     out = (args.out or default_out_dir(args.checkpoint, args.split)).resolve()
     if out == export.directory.resolve():
         raise UsageError(f"--out {out} is the checkpoint itself: choose another directory")
-    from carbrand import evaluation_report as report
+    from carbrand.evaluation_report import check_output_directory
 
-    report.check_output_directory(out)  # before any work: OUT is replaced as a whole at the end
+    check_output_directory(out)  # before any work: OUT is replaced as a whole at the end
 
     from accelerate import Accelerator
     from accelerate.utils import gather_object
@@ -166,12 +167,12 @@ def run(args: argparse.Namespace) -> int:
         # cpu=True is what makes Accelerate form a gloo group under torchrun on a machine without GPUs
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         device = accelerator.device
-        backend, decode = resolve_backend(data_config, device)
-        data_config = dataclasses.replace(data_config, loader=backend, decode=decode)  # resolved once: one notice
+        backend = resolve_backend(data_config, device)  # once: one notice, one answer
         precision = resolve_precision(args.precision, export.config.train.precision, device)
         channels_last = export.config.train.channels_last
         model = place_model(model, device, channels_last)
-        loader = build_eval_loader(data_config, samples, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        loader = build_eval_loader(data_config, samples, backend=backend, rank=accelerator.process_index,
+                                   world_size=accelerator.num_processes,
                                    device=device, dtype=input_dtype(precision), channels_last=channels_last)
         predictions = predict_batches(model, loader, num_classes=len(export.classes), precision=precision, tta_flip=args.tta_flip)
         assert len(predictions) == loader.num_samples, f"rank {accelerator.process_index} predicted {len(predictions)} of {loader.num_samples} samples"
@@ -179,40 +180,11 @@ def run(args: argparse.Namespace) -> int:
         records = shard_records(predictions, targets, top_k)
         gathered = gather_object(records)  # every rank's records, in rank order, on every rank
         if accelerator.is_main_process:
-            indices = sorted(r.index for r in gathered)
-            assert indices == list(range(len(samples))), (
-                f"gathered {len(indices)} records for {len(samples)} samples: some image was dropped or counted twice")
-            scored = [report.ScoredSample(path=str(samples[r.index].path), true_brand=samples[r.index].brand,
-                                          target=targets[r.index], record=r) for r in gathered]
-            metrics, _ = report.build_metrics(scored, export.classes, top_k)
-            metrics = {
-                "checkpoint": str(export.directory.resolve()),
-                "data": str(args.data.resolve()),
-                "data_kind": data_kind,
-                "split": args.split,
-                "split_samples": len(samples),
-                "world_size": accelerator.num_processes,
-                "loader": backend,
-                "decode": decode,
-                "precision": precision,
-                "tta_flip": args.tta_flip,
-                "batch_size": data_config.batch_size,
-                "arch": export.config.model.arch,
-                "image_size": data_config.image_size,
-                **metrics,
-                "unknown_brands": report.unknown_brand_report(scored, export.classes),
-            }
-            metrics["seconds"] = round(time.perf_counter() - started, 3)
-            report.write_outputs(out, metrics, scored, export.classes)
-            print(report.format_summary(metrics))
-            print(f"wrote {out}")
-            try:  # the results are on disk already: W&B trouble is a warning, never a failed evaluation
-                tracker = start_tracker(out, export.config, args.wandb_mode)
-                if tracker is not None:
-                    report.log_to_wandb(tracker, metrics, out, scored, export.classes)
-            except Exception as error:
-                print(f"carbrand evaluate: warning: W&B logging failed ({type(error).__name__}: {error}); "
-                      f"the results are in {out}", file=sys.stderr)
+            how = {"data_kind": data_kind, "split": args.split, "split_samples": len(samples),
+                   "world_size": accelerator.num_processes, "loader": backend.loader, "decode": backend.decode,
+                   "precision": precision, "tta_flip": args.tta_flip, "batch_size": data_config.batch_size,
+                   "arch": export.config.model.arch, "image_size": data_config.image_size}
+            tracker = report_results(args, export, samples, targets, gathered, out, top_k, started, how)
         accelerator.wait_for_everyone()
         accelerator.end_training()  # destroys the process group
     finally:
@@ -222,6 +194,42 @@ def run(args: argparse.Namespace) -> int:
             tracker.finish()
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
+
+
+def report_results(args, export, samples, targets: list[int], gathered: list, out: Path, top_k: int, started: float,
+                   how: dict):
+    """Main process: check every image was counted once, compute the metrics, write OUT, log to W&B.
+
+    `how` (split, loader, precision, ...) heads metrics.json. Returns the W&B tracker (to finish), or None.
+    """
+    from carbrand import evaluation_report as report
+
+    indices = sorted(r.index for r in gathered)
+    assert indices == list(range(len(samples))), (
+        f"gathered {len(indices)} records for {len(samples)} samples: some image was dropped or counted twice")
+    scored = [report.ScoredSample(path=str(samples[r.index].path), true_brand=samples[r.index].brand,
+                                  target=targets[r.index], record=r) for r in gathered]
+    metrics, _ = report.build_metrics(scored, export.classes, top_k)
+    metrics = {
+        "checkpoint": str(export.directory.resolve()),
+        "data": str(args.data.resolve()),
+        **how,
+        **metrics,
+        "unknown_brands": report.unknown_brand_report(scored, export.classes),
+    }
+    metrics["seconds"] = round(time.perf_counter() - started, 3)
+    report.write_outputs(out, metrics, scored, export.classes)
+    print(report.format_summary(metrics))
+    print(f"wrote {out}")
+    tracker = None
+    try:  # the results are on disk already: W&B trouble is a warning, never a failed evaluation
+        tracker = start_tracker(out, export.config, args.wandb_mode)
+        if tracker is not None:
+            report.log_to_wandb(tracker, metrics, out, scored, export.classes)
+    except Exception as error:
+        print(f"carbrand evaluate: warning: W&B logging failed ({type(error).__name__}: {error}); "
+              f"the results are in {out}", file=sys.stderr)
+    return tracker
 
 
 def shard_records(predictions, targets: list[int], top_k: int) -> list:

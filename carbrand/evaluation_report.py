@@ -21,8 +21,6 @@ import csv
 import io
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +28,8 @@ from typing import Any
 import torch
 
 from carbrand import metrics as M
-from carbrand.checkpoint import write_directory_atomically
 from carbrand.errors import CarbrandError
+from carbrand.filesystem import write_directory_atomically
 
 ECE_BINS = 15
 WORST_MISTAKES = 32  # rows of the W&B mistakes table (each with its image)
@@ -143,12 +141,7 @@ def write_outputs(out: Path, metrics: dict[str, Any], scored: list[ScoredSample]
         plot_confusion_matrix(matrix["counts"], matrix["brands"], into / "confusion_matrix.png",
                               title=f"{metrics.get('split', '')} split: accuracy {metrics['accuracy']:.3f}, {metrics['samples']} images")
 
-    try:
-        return write_directory_atomically(out, write)
-    except BaseException:
-        # write_directory_atomically's temporary name: nothing half-written stays behind
-        shutil.rmtree(out.parent / f".tmp-{out.name}-{os.getpid()}", ignore_errors=True)
-        raise
+    return write_directory_atomically(out, write)  # removes its temporary on any failure
 
 
 def check_output_directory(out: Path) -> None:

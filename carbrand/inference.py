@@ -8,7 +8,6 @@ mirror is a free second opinion.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -16,9 +15,10 @@ import torch
 from torch import nn
 
 from carbrand.errors import UsageError
+from carbrand.precision import PRECISIONS as TRAINING_PRECISIONS
+from carbrand.precision import autocast
 
-PRECISIONS = ("auto", "no", "bf16", "fp16")
-AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("auto", *TRAINING_PRECISIONS)
 
 
 def resolve_precision(precision: str, trained_precision: str, device: torch.device) -> str:
@@ -29,18 +29,6 @@ def resolve_precision(precision: str, trained_precision: str, device: torch.devi
     if precision != "auto":
         return precision
     return trained_precision if device.type == "cuda" else "no"
-
-
-def input_dtype(precision: str) -> torch.dtype:
-    """The dtype the loader should hand over images in for this precision."""
-    return AUTOCAST_DTYPES[precision] or torch.float32
-
-
-def autocast(device: torch.device, precision: str):
-    dtype = AUTOCAST_DTYPES[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:

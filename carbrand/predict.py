@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from carbrand.checkpoint import load_export_model
 from carbrand.config import Config
-from carbrand.data.preprocessing import IMAGENET_MEAN_255, IMAGENET_STD_255
+from carbrand.data.images import Normalizer, load_rgb, upright_rgb
 from carbrand.data.sources import IMAGE_EXTENSIONS
 from carbrand.data.torch_loader import eval_transform
 from carbrand.errors import DataError, UsageError
@@ -66,9 +66,7 @@ def load_image(path: Path) -> Image.Image:
     try:
         if path.stat().st_size == 0:
             raise DataError(f"{path}: empty file (0 bytes)")
-        with Image.open(path) as image:
-            image.load()  # the full decode: a truncated file fails here, not half-grey later
-            return ImageOps.exif_transpose(image).convert("RGB")
+        return load_rgb(path)
     except DataError:
         raise
     except FileNotFoundError:
@@ -91,8 +89,8 @@ class Predictor:
         self.channels_last = config.train.channels_last
         self.precision = resolve_precision(precision, config.train.precision, self.device)
         self.model = place_model(model, self.device, self.channels_last)
-        self.mean = torch.tensor(IMAGENET_MEAN_255, device=self.device).view(1, 3, 1, 1)
-        self.inverse_std = (1.0 / torch.tensor(IMAGENET_STD_255, device=self.device)).view(1, 3, 1, 1)
+        # float32 input, as the eval loaders give for full precision; autocast lowers it inside the model
+        self.normalize = Normalizer(self.device, torch.float32, self.channels_last)
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device: torch.device | str | None = None, precision: str = "auto") -> Predictor:
@@ -110,7 +108,7 @@ class Predictor:
         crops, sources = [], []
         for number, item in enumerate(inputs):
             if isinstance(item, Image.Image):
-                image, source = ImageOps.exif_transpose(item).convert("RGB"), f"<image {number}>"
+                image, source = upright_rgb(item), f"<image {number}>"
             else:
                 image, source = load_image(Path(item)), str(item)
             crops.append(self.preprocess(image))
@@ -124,10 +122,7 @@ class Predictor:
         topk = min(topk, len(self.classes))
         predictions = []
         for start in range(0, len(crops), batch_size):
-            batch = torch.stack(crops[start:start + batch_size]).to(self.device)
-            images = batch.permute(0, 3, 1, 2).float()  # NHWC storage viewed as NCHW: channels_last already
-            images = images.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-            images = (images - self.mean) * self.inverse_std  # as the eval loaders normalise
+            images = self.normalize(torch.stack(crops[start:start + batch_size]))  # as the eval loaders normalise
             _, probabilities = classify(self.model, images, precision=self.precision)
             top = probabilities.topk(topk, dim=1)
             for row, source in enumerate(sources[start:start + batch_size]):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from carbrand.config import Config
+from carbrand.errors import first_line
 
 RUN_ID_FILE = "wandb_run_id"
 
@@ -62,7 +63,7 @@ class Tracker:
                                         console="off", silent=True),
             )
         except Exception as error:  # no network, bad key, server down: the run must not die for it
-            self._warn(f"W&B could not start in {mode} mode ({type(error).__name__}: {_first_line(error)}); "
+            self._warn(f"W&B could not start in {mode} mode ({type(error).__name__}: {first_line(error)}); "
                        f"logging to {self.metrics_path} only")
             return None
         if job_type == "train":
@@ -104,7 +105,7 @@ class Tracker:
         try:
             call(self.run)
         except Exception as error:
-            self._warn(f"W&B logging failed ({type(error).__name__}: {_first_line(error)}); continuing with metrics.jsonl only")
+            self._warn(f"W&B logging failed ({type(error).__name__}: {first_line(error)}); continuing with metrics.jsonl only")
             self.run = None
 
     def _warn(self, message: str) -> None:
@@ -120,8 +121,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else ""

@@ -6,16 +6,15 @@
     torchrun --nproc-per-node 8 carbrand/train.py --config configs/stanford_cars.yaml
     python -m carbrand.train --config configs/demo.yaml      (same as `carbrand train --config ...`)
 
-Reads top to bottom: config -> accelerator -> tracker -> data -> model -> optimizer ->
-schedule -> prepare -> resume -> loop (step, log every N, validate, checkpoint) -> export.
+Reads top to bottom: config -> accelerator -> data -> model -> optimizer -> schedule ->
+resume -> prepare -> EMA -> tracker (`set_up`), then `train_loop` (step; at sync points the
+finiteness check, log, stop request, validation, checkpoint), then the export.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
-import os
 import re
 import signal
 import sys
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, TorchDynamoPlugin, set_seed
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from carbrand.checkpoint import (
@@ -41,20 +41,22 @@ from carbrand.checkpoint import (
     plain_state_dict,
     save_export,
     save_training_checkpoint,
-    step_checkpoints,
 )
 from carbrand.config import Config, load_config, save_config
+from carbrand.data.loader_base import EvalLoader, TrainLoader
 from carbrand.data.loaders import build_eval_loader, build_train_loader, resolve_backend
 from carbrand.data.manifest import load_prepared
-from carbrand.errors import CarbrandError, ConfigError
+from carbrand.divergence import DivergenceGuard
+from carbrand.errors import CarbrandError, ConfigError, first_line
+from carbrand.filesystem import check_run_dir_writable
 from carbrand.heartbeat import Heartbeat
 from carbrand.metrics import confusion_matrix, summarize
 from carbrand.model import build_model, load_classifier_state
 from carbrand.optimization import Schedule, build_optimizer, build_scheduler, peak_learning_rate
+from carbrand.precision import input_dtype
 from carbrand.preemption import EXIT_CODE_PREEMPTED, StopRequest
+from carbrand.throughput import ThroughputWindow
 from carbrand.tracking import Tracker
-
-DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -68,6 +70,33 @@ class Progress:
     best_step: int = -1
     restarts: int = 0
     skipped_steps: int = 0  # fp16: steps the grad scaler skipped for inf/NaN gradients (logged, not fatal)
+
+
+@dataclass
+class Run:
+    """Everything one training run works with, built once by `set_up` (typed: a typo fails where it is written)."""
+
+    config: Config
+    accelerator: Accelerator
+    model: torch.nn.Module  # as prepared: DDP-wrapped when distributed, compiled when asked
+    unwrapped_model: torch.nn.Module  # the plain module: validation, checksums, checkpoints
+    ema_model: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: TrainLoader
+    val_loader: EvalLoader | None
+    classes: list[str]
+    run_dir: Path
+    tracker: Tracker
+    progress: Progress
+    total_steps: int
+    micro_batches_per_epoch: int
+    divergence: DivergenceGuard
+
+    @property
+    def scored_model(self) -> torch.nn.Module:
+        """What validation scores and best/ exports: the EMA weights when enabled."""
+        return self.ema_model.module if self.ema_model is not None else self.unwrapped_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,21 +133,6 @@ def make_accelerator(config: Config) -> Accelerator:
     )
 
 
-def check_run_dir_writable(run_dir: Path) -> None:
-    """Fail now, not after hours of training, if checkpoints cannot be written (create, fsync, remove a file)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-probe-{os.getpid()}"
-        with probe.open("w") as handle:
-            handle.write("ok")
-            handle.flush()
-            os.fsync(handle.fileno())  # some filesystems (quota, NFS) only refuse at flush time
-        probe.unlink()
-    except OSError as error:
-        raise CarbrandError(f"run directory {run_dir} is not writable ({error.strerror or error}); "
-                            f"set output.dir to a writable directory") from None
-
-
 def train(config: Config) -> int:
     accelerator = make_accelerator(config)
     heartbeat = Heartbeat(accelerator.process_index, accelerator.num_processes)
@@ -133,8 +147,7 @@ def train(config: Config) -> int:
         if lost is None:
             raise  # every peer is alive: a genuine bug, keep its traceback
         # gloo/NCCL messages start with a source location and end in advice: keep the first sentence
-        reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(error).strip().splitlines() or [type(error).__name__])[0])
-        reason = reason.split(". ")[0][:160]
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error)).split(". ")[0][:160]
         raise CarbrandError(f"rank {accelerator.process_index} stops: {lost}; a collective failed ({reason}); "
                             f"restart the job to resume from the newest checkpoint") from None
     finally:
@@ -143,6 +156,31 @@ def train(config: Config) -> int:
 
 
 def train_with(config: Config, accelerator: Accelerator, stop_request: StopRequest) -> int:
+    run = set_up(config, accelerator)
+    exit_code = 1  # what W&B records if the loop raises
+    try:
+        exit_code = train_loop(run, stop_request)
+        check_ranks_agree(run)
+    finally:
+        run.train_loader.close()
+        if run.val_loader is not None:
+            run.val_loader.close()
+        run.tracker.finish(exit_code=exit_code)
+    if accelerator.is_main_process and exit_code == 0:
+        if not (run.run_dir / "best").is_dir():  # no validation split: the last model is the export
+            export_model(run)
+        print(f"carbrand: done in {run.progress.step} steps; best {config.train.best_metric} "
+              f"{run.progress.best_metric:.4f} at step {run.progress.best_step}; model in {run.run_dir / 'best'}")
+    accelerator.end_training()
+    return exit_code
+
+
+def set_up(config: Config, accelerator: Accelerator) -> Run:
+    """Data -> model -> optimizer -> schedule -> resume -> prepare -> EMA -> tracker, in that order.
+
+    Every input, the resume checkpoint included, is read and checked before the run
+    directory is touched: bad input writes nothing.
+    """
     run_dir = Path(config.output.dir)
     t, world_size, rank = config.train, accelerator.num_processes, accelerator.process_index
 
@@ -151,13 +189,11 @@ def train_with(config: Config, accelerator: Accelerator, stop_request: StopReque
     classes, train_samples, val_samples = dataset.classes, dataset.split("train"), dataset.splits.get("val", [])
     if not train_samples:
         raise CarbrandError(f"{dataset.directory}: the train split is empty")
-    loader_name, decode = resolve_backend(config.data, accelerator.device)
-    # resolved once (one notice, one answer); the saved config keeps what the user wrote, e.g. auto
-    data = dataclasses.replace(config.data, loader=loader_name, decode=decode)
-    loader_options = dict(rank=rank, world_size=world_size, device=accelerator.device,
-                          dtype=DTYPES[t.precision], channels_last=t.channels_last)
-    train_loader = build_train_loader(data, train_samples, seed=t.seed, **loader_options)
-    val_loader = build_eval_loader(data, val_samples, **loader_options) if val_samples else None
+    backend = resolve_backend(config.data, accelerator.device)  # once per run: one notice, one answer
+    loader_options = dict(backend=backend, rank=rank, world_size=world_size, device=accelerator.device,
+                          dtype=input_dtype(t.precision), channels_last=t.channels_last)
+    train_loader = build_train_loader(config.data, train_samples, seed=t.seed, **loader_options)
+    val_loader = build_eval_loader(config.data, val_samples, **loader_options) if val_samples else None
     if val_loader is None:
         accelerator.print("carbrand: warning: no validation split; best/ will hold the last model")
 
@@ -181,16 +217,11 @@ def train_with(config: Config, accelerator: Accelerator, stop_request: StopReque
     scheduler = build_scheduler(optimizer, schedule)
 
     # Resume before prepare: DDP then broadcasts the loaded weights to every rank (Accelerate moves optimizer state).
-    progress, resumed_from, checkpoint = Progress(), find_resume_checkpoint(run_dir, t.resume), None
+    progress, checkpoint = Progress(), None
+    resumed_from = find_resume_checkpoint(run_dir, t.resume)
     if resumed_from is not None:
         checkpoint = load_training_checkpoint(resumed_from)
-        progress = restore_training_state(checkpoint, model, optimizer, scheduler, accelerator)
-        progress.restarts += 1
-        if checkpoint.training_state.get("world_size") != world_size and progress.batch_in_epoch:
-            # the position inside the epoch was counted in the old shards: redo this epoch's data from its start
-            accelerator.print(f"carbrand: warning: resuming with {world_size} processes instead of "
-                              f"{checkpoint.training_state.get('world_size')}; epoch {progress.epoch} restarts its data order")
-            progress.batch_in_epoch = 0
+        progress = restore_training_state(checkpoint, model, optimizer, scheduler, accelerator, world_size)
     # Every input is read and valid: only now touch the disk, and fail here, not hours later, if it cannot be written.
     if accelerator.is_main_process:
         check_run_dir_writable(run_dir)
@@ -199,45 +230,26 @@ def train_with(config: Config, accelerator: Accelerator, stop_request: StopReque
     unwrapped_model = accelerator.unwrap_model(model)
     ema_model = None
     if t.ema_decay > 0:
-        ema_model = torch.optim.swa_utils.AveragedModel(
-            unwrapped_model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
+        ema_model = AveragedModel(unwrapped_model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
         if checkpoint is not None and checkpoint.ema_state is not None:
             load_classifier_state(ema_model.module, checkpoint.ema_state, str(resumed_from))
 
     tracker = Tracker(run_dir, config, is_main=accelerator.is_main_process)
     accelerator.print(
         f"carbrand: {len(train_samples)} train / {len(val_samples)} val images, {len(classes)} brands; "
-        f"{world_size} process(es) on {accelerator.device.type}; loader {loader_name} (decode {decode}); "
+        f"{world_size} process(es) on {accelerator.device.type}; loader {backend.loader} (decode {backend.decode}); "
         f"global batch {global_batch_size}; {total_steps} steps"
-        + (f"; resumed from {resumed_from} at step {progress.step} (restart {progress.restarts})" if resumed_from else "")
-    )
+        + (f"; resumed from {resumed_from} at step {progress.step} (restart {progress.restarts})" if resumed_from else ""))
     tracker.log({"run/restarts": progress.restarts, "run/world_size": world_size,
                  "run/global_batch_size": global_batch_size, "run/total_steps": total_steps}, step=progress.step)
-
-    state = dict(accelerator=accelerator, model=model, unwrapped_model=unwrapped_model, ema_model=ema_model,
-                 optimizer=optimizer, scheduler=scheduler, config=config, classes=classes, run_dir=run_dir,
-                 progress=progress, tracker=tracker, micro_batches_per_epoch=steps_per_epoch * t.grad_accum_steps,
-                 # first optimizer step whose loss was NaN/inf (0 = none); on the device, read only at sync points
-                 first_nonfinite_step=torch.zeros((), dtype=torch.long, device=accelerator.device))
-    exit_code = 1  # what W&B records if the loop raises
-    try:
-        exit_code = train_loop(state, train_loader, val_loader, total_steps, stop_request)
-        check_ranks_agree(state)
-    finally:
-        train_loader.close()
-        if val_loader is not None:
-            val_loader.close()
-        tracker.finish(exit_code=exit_code)
-    if accelerator.is_main_process and exit_code == 0:
-        if not (run_dir / "best").is_dir():  # no validation split: the last model is the export
-            export_model(state)
-        print(f"carbrand: done in {progress.step} steps; best {t.best_metric} {progress.best_metric:.4f} "
-              f"at step {progress.best_step}; model in {run_dir / 'best'}")
-    accelerator.end_training()
-    return exit_code
+    return Run(config=config, accelerator=accelerator, model=model, unwrapped_model=unwrapped_model, ema_model=ema_model,
+               optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
+               classes=classes, run_dir=run_dir, tracker=tracker, progress=progress, total_steps=total_steps,
+               micro_batches_per_epoch=steps_per_epoch * t.grad_accum_steps,
+               divergence=DivergenceGuard(accelerator.device))
 
 
-def restore_training_state(checkpoint, model, optimizer, scheduler, accelerator) -> Progress:
+def restore_training_state(checkpoint, model, optimizer, scheduler, accelerator, world_size: int) -> Progress:
     """Weights, optimizer, schedule, scaler and counters from a checkpoint; anything that does not fit is one line."""
     load_classifier_state(model, checkpoint.model_state, str(checkpoint.directory))
     saved = checkpoint.training_state
@@ -248,83 +260,72 @@ def restore_training_state(checkpoint, model, optimizer, scheduler, accelerator)
         if accelerator.scaler is not None and saved.get("scaler"):
             accelerator.scaler.load_state_dict(saved["scaler"])
     except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
         raise CarbrandError(f"{checkpoint.directory}: its training state does not fit this run ({type(error).__name__}: "
-                            f"{reason}); was it written with another optim.name? use another output.dir or "
-                            f"train.resume=never") from None
+                            f"{first_line(error, 160)}); was it written with another optim.name? use another output.dir "
+                            f"or train.resume=never") from None
+    progress.restarts += 1
+    if saved.get("world_size") != world_size and progress.batch_in_epoch:
+        # the position inside the epoch was counted in the old shards: redo this epoch's data from its start
+        accelerator.print(f"carbrand: warning: resuming with {world_size} processes instead of "
+                          f"{saved.get('world_size')}; epoch {progress.epoch} restarts its data order")
+        progress.batch_in_epoch = 0
     return progress
 
 
-def train_loop(state: dict, train_loader, val_loader, total_steps: int, stop_request: StopRequest) -> int:
-    accelerator, progress = state["accelerator"], state["progress"]
-    micro_batches_per_epoch = state["micro_batches_per_epoch"]
-    bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_main_process,
+def train_loop(run: Run, stop_request: StopRequest) -> int:
+    """The epochs and steps: forward/backward/step, then at sync points the finiteness check, the log,
+    the stop request, validation and checkpoints. Returns the exit code (0, or 143 when stopped)."""
+    accelerator, progress, t = run.accelerator, run.progress, run.config.train
+    window = ThroughputWindow(accelerator.device)
+    bar = tqdm(total=run.total_steps, initial=progress.step, disable=not accelerator.is_main_process,
                unit="step", dynamic_ncols=True, desc="train")
     try:
-        return run_epochs(state, train_loader, val_loader, total_steps, stop_request, bar, micro_batches_per_epoch)
+        while progress.step < run.total_steps:
+            run.model.train()
+            run.train_loader.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
+            batches = iter(run.train_loader)
+            while progress.batch_in_epoch < run.micro_batches_per_epoch and progress.step < run.total_steps:
+                with window.waiting_for_data():
+                    images, labels = next(batches)
+                loss = train_step(accelerator, run.model, run.optimizer, images, labels,
+                                  t.label_smoothing, run.config.optim.grad_clip_norm)
+                window.add(loss, images.shape[0])
+                run.divergence.observe_loss(loss)
+                progress.batch_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue  # inside a gradient-accumulation window: no optimizer step yet
+                finish_optimizer_step(run)
+                bar.update(1)
+
+                at_log = progress.step % t.log_every == 0 or progress.step == run.total_steps
+                at_eval = bool(t.eval_every_steps) and progress.step % t.eval_every_steps == 0
+                at_save = bool(t.checkpoint_every_steps) and progress.step % t.checkpoint_every_steps == 0
+                if at_log or at_eval or at_save:
+                    check_finite(run)  # sync point: nothing from a diverged step is logged, kept or saved
+                if at_log:
+                    log_window(run, window, bar)
+                    if stop_request.should_stop(accelerator):
+                        save_checkpoint(run)
+                        return report_stop(run, stop_request)
+                with window.paused():
+                    if at_eval:
+                        validate_and_keep_best(run)
+                    if at_save:
+                        save_checkpoint(run)
+
+            if progress.batch_in_epoch >= run.micro_batches_per_epoch:
+                progress.epoch += 1
+                progress.batch_in_epoch = 0
+            with window.paused():  # epoch end (or max_steps): validate, checkpoint, then honour a stop request
+                check_finite(run)
+                if not t.eval_every_steps or progress.step == run.total_steps:
+                    validate_and_keep_best(run)
+                save_checkpoint(run)
+            if stop_request.should_stop(accelerator):
+                return report_stop(run, stop_request)
+        return 0
     finally:
         bar.close()
-
-
-def run_epochs(state: dict, train_loader, val_loader, total_steps: int, stop_request: StopRequest, bar,
-               micro_batches_per_epoch: int) -> int:
-    accelerator, model, optimizer, scheduler = state["accelerator"], state["model"], state["optimizer"], state["scheduler"]
-    config, progress, ema_model = state["config"], state["progress"], state["ema_model"]
-    t = config.train
-    # "paused": seconds spent validating/checkpointing, kept out of images/s and the wait fraction
-    window = {"loss": torch.zeros((), device=accelerator.device), "micro": 0, "images": 0, "wait": 0.0,
-              "paused": 0.0, "start": time.perf_counter()}
-    step_loss_nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # in this optimizer step
-    while progress.step < total_steps:
-        model.train()
-        train_loader.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
-        batches = iter(train_loader)
-        while progress.batch_in_epoch < micro_batches_per_epoch and progress.step < total_steps:
-            wait_start = time.perf_counter()
-            images, labels = next(batches)
-            window["wait"] += time.perf_counter() - wait_start
-            loss = train_step(accelerator, model, optimizer, images, labels, t.label_smoothing, config.optim.grad_clip_norm)
-            window["loss"] += loss  # stays on the device: no host sync here
-            step_loss_nonfinite |= ~torch.isfinite(loss)
-            window["micro"] += 1
-            window["images"] += images.shape[0]
-            progress.batch_in_epoch += 1
-            if not accelerator.sync_gradients:
-                continue
-            if accelerator.optimizer_step_was_skipped:
-                # fp16 grad scaler found inf/NaN gradients and skipped the step (its routine): counted, not fatal;
-                # the weights are untouched and the schedule does not advance
-                progress.skipped_steps += 1
-            else:
-                scheduler.step()
-                first = state["first_nonfinite_step"]  # remember the first applied step with a NaN/inf loss
-                state["first_nonfinite_step"] = torch.where(step_loss_nonfinite & (first == 0), progress.step + 1, first)
-            step_loss_nonfinite.zero_()
-            if ema_model is not None:
-                ema_model.update_parameters(state["unwrapped_model"])
-            progress.step += 1
-            bar.update(1)
-            if progress.step % t.log_every == 0 or progress.step == total_steps:
-                log_window(state, window, bar)
-                if stop_request.should_stop(accelerator):
-                    return stop_gracefully(state, stop_request)
-            paused_from = time.perf_counter()
-            if t.eval_every_steps and progress.step % t.eval_every_steps == 0:
-                validate_and_keep_best(state, val_loader)
-            if t.checkpoint_every_steps and progress.step % t.checkpoint_every_steps == 0:
-                save_checkpoint(state)
-            window["paused"] += time.perf_counter() - paused_from
-        if progress.batch_in_epoch >= micro_batches_per_epoch:
-            progress.epoch += 1
-            progress.batch_in_epoch = 0
-        paused_from = time.perf_counter()
-        if not t.eval_every_steps or progress.step == total_steps:
-            validate_and_keep_best(state, val_loader)
-        save_checkpoint(state)
-        window["paused"] += time.perf_counter() - paused_from
-        if stop_request.should_stop(accelerator):
-            return stop_gracefully(state, stop_request, already_saved=True)
-    return 0
 
 
 def train_step(accelerator, model, optimizer, images, labels, label_smoothing: float, grad_clip_norm: float) -> torch.Tensor:
@@ -340,43 +341,60 @@ def train_step(accelerator, model, optimizer, images, labels, label_smoothing: f
     return loss.detach()
 
 
-def log_window(state: dict, window: dict, bar) -> None:
+def finish_optimizer_step(run: Run) -> None:
+    """After an optimizer step: the schedule, the divergence marks, the EMA and the step counter."""
+    progress = run.progress
+    applied = not run.accelerator.optimizer_step_was_skipped
+    if applied:
+        run.scheduler.step()
+    else:
+        # fp16 grad scaler found inf/NaN gradients and skipped the step (its routine): counted, not fatal;
+        # the weights are untouched and the schedule does not advance
+        progress.skipped_steps += 1
+    run.divergence.end_step(progress.step + 1, applied)
+    if run.ema_model is not None:
+        run.ema_model.update_parameters(run.unwrapped_model)
+    progress.step += 1
+
+
+def check_finite(run: Run) -> None:
+    run.divergence.check(run.accelerator, run.unwrapped_model, run.progress.step, run.run_dir)
+
+
+def log_window(run: Run, window: ThroughputWindow, bar) -> None:
     """Every `log_every` steps: the one place the loop syncs with the device."""
-    accelerator, progress, tracker = state["accelerator"], state["progress"], state["tracker"]
-    stop_if_diverged(state)
-    mean_loss = accelerator.reduce(window["loss"], reduction="mean").item() / max(1, window["micro"])  # host sync
-    # read the clock after the sync: before it, the device may still be running queued steps
-    seconds = time.perf_counter() - window["start"] - window["paused"]
-    images_per_second = window["images"] * accelerator.num_processes / max(seconds, 1e-9)
+    accelerator, progress = run.accelerator, run.progress
+    mean_loss = accelerator.reduce(window.loss_sum, reduction="mean").item() / max(1, window.micro_batches)  # host sync
+    seconds = window.training_seconds()  # after the sync: the queued steps are done
+    images_per_second = window.images * accelerator.num_processes / seconds
     metrics = {
         "train/loss": mean_loss,
-        "train/lr": state["scheduler"].get_last_lr()[-1],  # the head's group: what is actually learning
+        "train/lr": run.scheduler.get_last_lr()[-1],  # the head's group: what is actually learning
         "train/images_per_second": images_per_second,
-        "train/data_wait_fraction": window["wait"] / max(seconds, 1e-9),
-        "train/epoch": progress.epoch + progress.batch_in_epoch / state["micro_batches_per_epoch"],
+        "train/data_wait_fraction": window.data_wait_seconds / seconds,
+        "train/epoch": progress.epoch + progress.batch_in_epoch / run.micro_batches_per_epoch,
     }
     if accelerator.scaler is not None or progress.skipped_steps:
         metrics["train/skipped_steps"] = progress.skipped_steps  # fp16 scaler skips since the start of the run
     if accelerator.device.type == "cuda":
         metrics["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-    tracker.log(metrics, step=progress.step)
+    run.tracker.log(metrics, step=progress.step)
     bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{images_per_second:.0f}", refresh=False)
-    window.update(loss=torch.zeros((), device=accelerator.device), micro=0, images=0, wait=0.0, paused=0.0,
-                  start=time.perf_counter())
+    window.reset()
 
 
 @torch.no_grad()
-def validate(state: dict, loader) -> dict[str, float]:
+def validate(run: Run) -> dict[str, float]:
     """Exact validation: every sample once across ranks; confusion matrices summed by all-reduce."""
-    accelerator, num_classes = state["accelerator"], len(state["classes"])
+    accelerator, num_classes = run.accelerator, len(run.classes)
     # The unwrapped module: DDP's forward would add collectives, and ranks hold different batch counts.
-    model = state["ema_model"].module if state["ema_model"] is not None else state["unwrapped_model"]
+    model = run.scored_model
     was_training = model.training
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=accelerator.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     with accelerator.autocast():
-        for images, labels, _ in loader:
+        for images, labels, _ in run.val_loader:
             logits = model(images).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             confusion += confusion_matrix(logits.argmax(dim=1), labels, num_classes)
@@ -388,87 +406,61 @@ def validate(state: dict, loader) -> dict[str, float]:
     return summary
 
 
-def validate_and_keep_best(state: dict, loader) -> None:
-    if loader is None:
+def validate_and_keep_best(run: Run) -> None:
+    """Validate; a new best score replaces best/. The caller has checked the weights are finite."""
+    if run.val_loader is None:
         return
-    progress, config = state["progress"], state["config"]
-    stop_if_diverged(state)  # a diverged model must not become best/
-    summary = validate(state, loader)
-    state["tracker"].log({f"val/{k}": v for k, v in summary.items()} | {"epoch": progress.epoch}, step=progress.step)
-    score = summary[config.train.best_metric]
-    state["accelerator"].print(
+    progress = run.progress
+    summary = validate(run)
+    run.tracker.log({f"val/{k}": v for k, v in summary.items()} | {"epoch": progress.epoch}, step=progress.step)
+    run.accelerator.print(
         f"carbrand: step {progress.step} epoch {progress.epoch}: val accuracy {summary['accuracy']:.4f} "
         f"macro-F1 {summary['macro_f1']:.4f} loss {summary['loss']:.4f} ({summary['samples']} images)")
+    score = summary[run.config.train.best_metric]
     if score > progress.best_metric:
         progress.best_metric, progress.best_step = score, progress.step
-        export_model(state)
+        export_model(run)
 
 
-def export_model(state: dict) -> None:
+def export_model(run: Run) -> None:
     """best/: plain, uncompiled, unwrapped weights (EMA if enabled) + classes + config."""
-    if not state["accelerator"].is_main_process:
-        return
-    source = state["ema_model"].module if state["ema_model"] is not None else state["unwrapped_model"]
-    save_export(state["run_dir"] / "best", plain_state_dict(source), state["classes"], state["config"])
+    if run.accelerator.is_main_process:
+        save_export(run.run_dir / "best", plain_state_dict(run.scored_model), run.classes, run.config)
 
 
-def stop_if_diverged(state: dict) -> None:
-    """Before logging, validating or saving: stop if any rank applied a NaN/inf loss or holds NaN/inf weights.
-
-    One small gather (a host sync) at points that sync anyway, so nothing from a blown-up step
-    is ever saved: the newest checkpoint is always from before it.
-    """
-    accelerator, progress = state["accelerator"], state["progress"]
-    weights_finite = torch.stack([p.detach().isfinite().all() for p in state["unwrapped_model"].parameters()]).all()
-    local = torch.stack([state["first_nonfinite_step"], (~weights_finite).long()]).reshape(1, 2)
-    found = accelerator.gather(local)  # one row per rank: first non-finite step (0 = none), weights non-finite
-    steps = [s for s in found[:, 0].tolist() if s > 0]
-    if not steps and not found[:, 1].any():
-        return
-    what = (f"the loss became NaN or inf at step {min(steps)}" if steps
-            else f"the weights became NaN or inf by step {progress.step}")
-    saved = step_checkpoints(state["run_dir"])
-    newest = f"{saved[-1][1]} (step {saved[-1][0]})" if saved else "none yet"
-    raise CarbrandError(f"training diverged: {what}; stopped without saving it. Newest checkpoint, from before: {newest}. "
-                        f"Lower optim.lr, raise optim.warmup_epochs or set optim.grad_clip_norm")
-
-
-def save_checkpoint(state: dict) -> None:
-    accelerator, progress, config = state["accelerator"], state["progress"], state["config"]
-    stop_if_diverged(state)
+def save_checkpoint(run: Run) -> None:
+    """A complete step checkpoint (the caller has checked the weights are finite); every rank waits for it."""
+    accelerator, progress = run.accelerator, run.progress
     if accelerator.is_main_process:
         training_state = {
             "progress": vars(progress).copy(),
-            "optimizer": state["optimizer"].state_dict(),
-            "scheduler": state["scheduler"].state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "world_size": accelerator.num_processes,
         }
-        ema = plain_state_dict(state["ema_model"].module) if state["ema_model"] is not None else None
-        save_training_checkpoint(state["run_dir"], progress.step, plain_state_dict(state["unwrapped_model"]), ema,
-                                 training_state, state["classes"], config, keep=config.train.keep_checkpoints)
+        ema = plain_state_dict(run.ema_model.module) if run.ema_model is not None else None
+        save_training_checkpoint(run.run_dir, progress.step, plain_state_dict(run.unwrapped_model), ema,
+                                 training_state, run.classes, run.config, keep=run.config.train.keep_checkpoints)
     accelerator.wait_for_everyone()  # nobody exits or resumes before the checkpoint is complete
 
 
-def check_ranks_agree(state: dict) -> None:
+def check_ranks_agree(run: Run) -> None:
     """Once, at the end: every rank must hold the same weights, or DDP silently diverged."""
-    accelerator = state["accelerator"]
-    checksum = torch.stack([p.detach().double().sum() for p in state["unwrapped_model"].parameters()]).sum()
-    checksums = accelerator.gather(checksum.reshape(1))
+    checksum = torch.stack([p.detach().double().sum() for p in run.unwrapped_model.parameters()]).sum()
+    checksums = run.accelerator.gather(checksum.reshape(1))
     agree = bool(torch.allclose(checksums, checksums[0].expand_as(checksums), rtol=1e-6, atol=1e-6))
-    state["tracker"].log({"run/ranks_agree": agree, "run/parameter_checksum": checksums[0].item()},
-                         step=state["progress"].step)
+    run.tracker.log({"run/ranks_agree": agree, "run/parameter_checksum": checksums[0].item()}, step=run.progress.step)
     if not agree:
         raise CarbrandError(f"ranks hold different weights at the end of training (checksums {checksums.tolist()})")
 
 
-def stop_gracefully(state: dict, stop_request: StopRequest, already_saved: bool = False) -> int:
-    if not already_saved:
-        save_checkpoint(state)
+def report_stop(run: Run, stop_request: StopRequest) -> int:
+    """After the stop checkpoint: say which signal and how many ranks got it; exit code 143."""
     # counted after the save: a signal sent to all ranks has reached all of them by now
-    accelerator, step = state["accelerator"], state["progress"].step
+    accelerator, step = run.accelerator, run.progress.step
     ranks_signalled = stop_request.ranks_signalled(accelerator)
-    state["tracker"].log({"run/stop_signal": stop_request.received or 0, "run/ranks_signalled": ranks_signalled}, step=step)
+    run.tracker.log({"run/stop_signal": stop_request.received or 0, "run/ranks_signalled": ranks_signalled}, step=step)
     # the main process may not be the rank that received the signal
     received = signal.Signals(stop_request.received).name if stop_request.received else "a signal to another rank"
     accelerator.print(f"carbrand: stop requested ({received}); checkpoint saved at step {step}; "

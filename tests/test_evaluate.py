@@ -34,7 +34,7 @@ def export_config(arch: str = "resnet18", image_size: int = 32):
 
 def fit_export(directory: Path, prepared: Path) -> Path:
     """BatchNorm statistics and a logistic-regression head from one pass over the training split."""
-    from carbrand.data.loaders import build_eval_loader
+    from carbrand.data.loaders import build_eval_loader, resolve_backend
     from carbrand.data.manifest import load_prepared
 
     dataset = load_prepared(prepared)
@@ -46,7 +46,7 @@ def fit_export(directory: Path, prepared: Path) -> Path:
             module.momentum = None  # cumulative average over the pass
     backbone = torch.nn.Sequential(*list(model.children())[:-1], torch.nn.Flatten())
     subset = dataset.split("train")[::3]  # every brand, a third of the photos: enough for above chance
-    loader = build_eval_loader(config.data, subset, rank=0, world_size=1, device=torch.device("cpu"),
+    loader = build_eval_loader(config.data, subset, backend=resolve_backend(config.data, torch.device("cpu")), rank=0, world_size=1, device=torch.device("cpu"),
                                dtype=torch.float32, channels_last=False)
     features, labels = [], []
     with torch.no_grad():

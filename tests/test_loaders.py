@@ -50,12 +50,12 @@ def config(loader: str, **overrides) -> DataConfig:
 
 
 def train_loader(data: DataConfig, samples, *, rank=0, world_size=1, seed=0, dtype=torch.float32, channels_last=True):
-    return build_train_loader(data, samples, rank=rank, world_size=world_size, seed=seed, device=CPU, dtype=dtype,
+    return build_train_loader(data, samples, backend=resolve_backend(data, CPU), rank=rank, world_size=world_size, seed=seed, device=CPU, dtype=dtype,
                               channels_last=channels_last)
 
 
 def eval_loader(data: DataConfig, samples, *, rank=0, world_size=1, dtype=torch.float32, channels_last=True):
-    return build_eval_loader(data, samples, rank=rank, world_size=world_size, device=CPU, dtype=dtype,
+    return build_eval_loader(data, samples, backend=resolve_backend(data, CPU), rank=rank, world_size=world_size, device=CPU, dtype=dtype,
                              channels_last=channels_last)
 
 
@@ -280,7 +280,7 @@ def test_dali_gpu_decode_matches_cpu_decode(cars5, dtype):
     device = torch.device("cuda", 0)
     samples = read_split(cars5 / "test")[:20]
     data = config("dali", decode="gpu")
-    gpu = build_eval_loader(data, samples, rank=0, world_size=1, device=device, dtype=dtype, channels_last=True)
+    gpu = build_eval_loader(data, samples, backend=resolve_backend(data, device), rank=0, world_size=1, device=device, dtype=dtype, channels_last=True)
     batches = list(gpu)
     assert all(images.device == device and images.dtype == dtype for images, _, _ in batches)
     assert all(images.is_contiguous(memory_format=torch.channels_last) for images, _, _ in batches)
@@ -288,7 +288,7 @@ def test_dali_gpu_decode_matches_cpu_decode(cars5, dtype):
     on_cpu, _ = eval_images(eval_loader(config("dali"), samples))
     # nvJPEG and libjpeg-turbo differ slightly (chroma upsampling, IDCT); the picture must not.
     assert (on_gpu - on_cpu).abs().mean() < 0.05
-    train = build_train_loader(data, read_split(cars5 / "train")[:40], rank=0, world_size=1, seed=0, device=device,
+    train = build_train_loader(data, read_split(cars5 / "train")[:40], backend=resolve_backend(data, device), rank=0, world_size=1, seed=0, device=device,
                                dtype=dtype, channels_last=True)
     for images, labels in train:
         assert images.shape == (8, 3, SIZE, SIZE) and images.device == device and labels.device == device

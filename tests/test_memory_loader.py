@@ -19,7 +19,7 @@ def samples(count: int) -> list[Sample]:
 def test_memory_train_loader_matches_the_real_batch_count_and_format():
     data = DataConfig(loader="memory", batch_size=4, image_size=16)
     assert resolve_backend(data, CPU) == ("memory", "none")
-    loader = build_train_loader(data, samples(30), rank=1, world_size=2, seed=0, device=CPU, dtype=torch.bfloat16,
+    loader = build_train_loader(data, samples(30), backend=resolve_backend(data, CPU), rank=1, world_size=2, seed=0, device=CPU, dtype=torch.bfloat16,
                                 channels_last=True)
     assert loader.batches_per_epoch == train_batches_per_epoch(30, world_size=2, batch_size=4) == 3
     loader.set_epoch(0, start_batch=1)
@@ -35,7 +35,7 @@ def test_memory_eval_loader_yields_every_sample_of_the_shard_once():
     data = DataConfig(loader="memory", batch_size=4, image_size=8)
     seen = []
     for rank in range(2):
-        loader = build_eval_loader(data, samples(11), rank=rank, world_size=2, device=CPU, dtype=torch.float32,
+        loader = build_eval_loader(data, samples(11), backend=resolve_backend(data, CPU), rank=rank, world_size=2, device=CPU, dtype=torch.float32,
                                    channels_last=False)
         for images, labels, indices in loader:
             assert images.shape[0] == len(labels) == len(indices)

@@ -6,8 +6,9 @@
 
 Each loader runs exactly as the trainer and evaluator build it (sharding, augmentation,
 normalisation, copy to the device, output dtype), warm-up batches excluded, the clock
-stopped only after the device finished. The train loader's per-epoch set-up (DALI builds
-one pipeline per epoch) counts, as it does in training.
+stopped only after the device finished. The train loader's set-up at epoch boundaries counts,
+as it does in training (DALI keeps one pipeline for several epochs and builds the next one
+when those are read; see carbrand/data/dali_pipelines.py).
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ import torch
 from carbrand.bench.photo_set import build_photo_set, describe
 from carbrand.bench.timing import now
 from carbrand.config import DataConfig
-from carbrand.data.loaders import build_eval_loader, build_train_loader, dali_available
+from carbrand.data.loaders import Backend, build_eval_loader, build_train_loader, dali_available
 from carbrand.data.manifest import load_prepared
 from carbrand.errors import UsageError
-from carbrand.train import DTYPES  # the dtype each precision feeds the model
+from carbrand.precision import PRECISIONS, input_dtype
 
-BACKENDS = {"dali-gpu": ("dali", "gpu"), "dali-cpu": ("dali", "cpu"), "torchvision": ("torchvision", "cpu")}
+BACKENDS = {"dali-gpu": Backend("dali", "gpu"), "dali-cpu": Backend("dali", "cpu"), "torchvision": Backend("torchvision", "cpu")}
 PIPELINES = ("train", "eval")
 
 
@@ -73,8 +74,8 @@ def measure(loader, pipeline: str, *, warmup_batches: int, batches: int, device:
     return {"images": images, "seconds": round(seconds, 4), "images_per_second": round(images / seconds, 1)}
 
 
-def build_loader(pipeline: str, data: DataConfig, samples, device: torch.device, dtype: torch.dtype):
-    options = dict(rank=0, world_size=1, device=device, dtype=dtype, channels_last=True)
+def build_loader(pipeline: str, data: DataConfig, backend: Backend, samples, device: torch.device, dtype: torch.dtype):
+    options = dict(backend=backend, rank=0, world_size=1, device=device, dtype=dtype, channels_last=True)
     if pipeline == "train":
         return build_train_loader(data, samples, seed=0, **options)
     return build_eval_loader(data, samples, **options)
@@ -82,11 +83,11 @@ def build_loader(pipeline: str, data: DataConfig, samples, device: torch.device,
 
 def measure_backend(args, backend: str, pipeline: str, manifest: Path, samples, device: torch.device,
                     precision: str) -> dict:
-    loader_name, decode = BACKENDS[backend]
-    data = dataclasses.replace(DataConfig(), manifest=str(manifest), loader=loader_name, decode=decode,
+    resolved = BACKENDS[backend]
+    data = dataclasses.replace(DataConfig(), manifest=str(manifest), loader=resolved.loader, decode=resolved.decode,
                                batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
                                prefetch=args.prefetch, hw_decoder_load=args.hw_decoder_load)
-    loader = build_loader(pipeline, data, samples, device, DTYPES[precision])
+    loader = build_loader(pipeline, data, resolved, samples, device, input_dtype(precision))
     try:
         return measure(loader, pipeline, warmup_batches=args.warmup_batches, batches=args.batches, device=device)
     finally:
@@ -174,7 +175,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prefetch", type=int, default=2, help="prefetch depth, batches (default 2)")
     parser.add_argument("--hw-decoder-load", type=float, default=DataConfig.hw_decoder_load,
                         help=f"dali-gpu: share of images for the hardware JPEG decoder (default {DataConfig.hw_decoder_load})")
-    parser.add_argument("--precision", choices=tuple(DTYPES), default=None,
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="output dtype as the trainer would ask (default bf16 on a GPU, no on a CPU)")
     parser.add_argument("--batches", type=int, default=20, help="timed batches per loader (default 20)")
     parser.add_argument("--repeats", type=int, default=1,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from carbrand.data.images import load_rgb
 from carbrand.data.manifest import load_prepared, write_prepared
 from carbrand.data.verify import default_workers
 from carbrand.errors import UsageError
@@ -40,8 +41,7 @@ def parse_photo_size(text: str) -> tuple[int, int]:
 
 def _reencode(job: tuple[str, str, int, int, int]) -> None:
     source, target, width, height, copy = job
-    with Image.open(source) as opened:
-        image = ImageOps.exif_transpose(opened).convert("RGB")
+    image = load_rgb(source)
     # copy k trims k% of the frame from alternating sides: a different picture, same subject
     trim_x, trim_y = image.width * copy // 100, image.height * copy // 100
     left, top = (trim_x, 0) if copy % 2 else (0, trim_y)

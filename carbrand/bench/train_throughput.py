@@ -28,6 +28,7 @@ from carbrand.bench.data_throughput import device_name
 from carbrand.bench.train_worker import RESULT_PREFIX
 from carbrand.config import load_config
 from carbrand.errors import CarbrandError, UsageError
+from carbrand.precision import PRECISIONS
 
 ON_OFF = {"on": True, "off": False}
 
@@ -41,7 +42,7 @@ def parse_list(text: str, allowed: tuple[str, ...], option: str) -> list[str]:
 
 
 def variants(args) -> list[dict]:
-    precisions = parse_list(args.precisions, ("no", "bf16", "fp16"), "--precisions")
+    precisions = parse_list(args.precisions, PRECISIONS, "--precisions")
     if "fp16" in precisions and not torch.cuda.is_available():
         raise UsageError("--precisions fp16 needs a CUDA GPU (the trainer refuses fp16 on a CPU); use no or bf16")
     layouts = parse_list(args.channels_last, tuple(ON_OFF), "--channels-last")

@@ -28,7 +28,7 @@ from carbrand.data.manifest import load_prepared
 from carbrand.data.memory_loader import random_batch
 from carbrand.model import build_model
 from carbrand.optimization import build_optimizer, peak_learning_rate
-from carbrand.train import DTYPES  # the dtype each precision feeds the model
+from carbrand.precision import autocast, input_dtype
 
 RESULT_PREFIX = "CARBRAND_BENCH_RESULT "
 
@@ -85,14 +85,13 @@ def bare(spec: dict) -> dict:
     optimizer = build_optimizer(model, config.optim, peak_learning_rate(config.optim, data.batch_size), device)
     if config.model.compile:
         model = torch.compile(model)
-    images = random_batch(data.batch_size, data.image_size, seed=t.seed, device=device, dtype=DTYPES[t.precision],
+    images = random_batch(data.batch_size, data.image_size, seed=t.seed, device=device, dtype=input_dtype(t.precision),
                           channels_last=t.channels_last)
     labels = torch.randint(0, num_classes, (data.batch_size,), device=device)
     scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
-    autocast = torch.autocast(device.type, dtype=DTYPES[t.precision], enabled=t.precision != "no")
 
     def step() -> None:
-        with autocast:
+        with autocast(device, t.precision):
             loss = F.cross_entropy(model(images), labels, label_smoothing=t.label_smoothing)
         if scaler is None:
             loss.backward()

@@ -30,12 +30,8 @@ from carbrand.data.preprocessing import (
     TRAIN_CROP_ATTEMPTS,
     eval_crop_side_fraction,
 )
-from carbrand.data.sharding import (
-    augmentation_seed,
-    eval_shard,
-    train_batches_per_epoch,
-    train_shard,
-)
+from carbrand.data.loader_base import EvalLoader, TrainLoader
+from carbrand.data.sharding import augmentation_seed
 
 READER = "Reader"  # the iterator finds the shard size through the reader's name
 
@@ -156,12 +152,13 @@ def _pipeline_args(data: DataConfig, *, gpu: bool, device: torch.device, seed: i
 SAMPLES_PER_PIPELINE = 100_000
 
 
-class DaliTrainLoader:
+class DaliTrainLoader(TrainLoader):
     """Training batches from a long-lived DALI pipeline that reads several epochs back to back.
 
-    Building a pipeline costs a second or more on a GPU (decoder state, pre-allocations); on
-    an H200 a rebuild at every epoch boundary left training waiting for data 40% of the
-    time (docs/BENCHMARKS.md). So one pipeline is given the exact orders of the next epochs
+    Building a pipeline on a GPU re-creates the decoder state and its pre-allocations. An H200
+    run that rebuilt it at every epoch boundary waited for data 40% of the time; the rebuild
+    is the likely cause by arithmetic, not yet proven by a profile (docs/BENCHMARKS.md). So
+    one pipeline is given the exact orders of the next epochs
     in sequence (a shard is whole batches, so no batch straddles two epochs) and is rebuilt
     only after those epochs, or when the caller jumps elsewhere (a resume mid-epoch).
     The orders stay exact and resumable; the reader's own shuffle is neither.
@@ -169,29 +166,19 @@ class DaliTrainLoader:
 
     def __init__(self, data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int, seed: int,
                  gpu: bool, device: torch.device, dtype: torch.dtype, channels_last: bool):
-        self.batches_per_epoch = train_batches_per_epoch(len(samples), world_size=world_size, batch_size=data.batch_size)
+        super().__init__(len(samples), rank=rank, world_size=world_size, seed=seed, batch_size=data.batch_size)
         self.epochs_per_pipeline = max(1, SAMPLES_PER_PIPELINE // max(1, self.batches_per_epoch * data.batch_size))
         self.pipelines_built = 0
         self._data, self._gpu, self._device = data, gpu, device
         self._files = [str(s.path) for s in samples]
         self._labels = [s.label for s in samples]
-        self._rank, self._world_size, self._seed = rank, world_size, seed
         self._output = _Output(device, dtype, channels_last)
-        self._epoch, self._start_batch = 0, 0
         self._stream = None  # (iterator, pipeline) of the live pipeline
         self._stream_next: tuple[int, int] | None = None  # (epoch, batch) the live pipeline yields next
         self._stream_last_epoch = -1
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= self.batches_per_epoch:
-            raise ValueError(f"start_batch {start_batch} is not in 0..{self.batches_per_epoch}")
-        self._epoch, self._start_batch = epoch, start_batch
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch - self._start_batch
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, first = self._epoch, self._start_batch
+        epoch, first = self.epoch, self.start_batch
         if first >= self.batches_per_epoch:
             return
         if self._stream is None or self._stream_next != (epoch, first):
@@ -213,16 +200,13 @@ class DaliTrainLoader:
 
     def _open_stream(self, epoch: int, first_batch: int) -> None:
         self._close_stream()
-        batch_size = self._data.batch_size
-        orders = [train_shard(len(self._files), seed=self._seed, epoch=e, rank=self._rank,
-                              world_size=self._world_size, batch_size=batch_size)
-                  for e in range(epoch, epoch + self.epochs_per_pipeline)]
-        order = np.concatenate(orders)[first_batch * batch_size:]
+        orders = [self.epoch_order(e) for e in range(epoch, epoch + self.epochs_per_pipeline)]
+        order = np.concatenate(orders)[first_batch * self.batch_size:]
         pipe = train_pipeline(
             [self._files[i] for i in order], [self._labels[i] for i in order],
             gpu=self._gpu, data=self._data, channels_last=self._output.channels_last, half=self._output.half,
             **_pipeline_args(self._data, gpu=self._gpu, device=self._device,
-                             seed=augmentation_seed(self._seed, rank=self._rank, epoch=epoch)),
+                             seed=augmentation_seed(self.seed, rank=self.rank, epoch=epoch)),
         )
         pipe.build()
         self.pipelines_built += 1
@@ -240,14 +224,13 @@ class DaliTrainLoader:
         self._close_stream()
 
 
-class DaliEvalLoader:
+class DaliEvalLoader(EvalLoader):
     """Evaluation batches of this rank's shard: every sample once, the last batch partial."""
 
     def __init__(self, data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int,
                  gpu: bool, device: torch.device, dtype: torch.dtype, channels_last: bool):
-        shard = eval_shard(len(samples), rank=rank, world_size=world_size)
-        self.num_samples = len(shard)
-        self._batch_size = data.batch_size
+        super().__init__(len(samples), rank=rank, world_size=world_size, batch_size=data.batch_size)
+        shard = self.shard
         self._output = _Output(device, dtype, channels_last)
         # position in the shard -> global sample index / true label, looked up after each batch
         self._indices = torch.as_tensor(shard, dtype=torch.int64)
@@ -258,9 +241,6 @@ class DaliEvalLoader:
             **_pipeline_args(data, gpu=gpu, device=device, seed=0),  # eval draws no random numbers
         )
         self._iterator = None  # kept between passes: evaluation runs every epoch
-
-    def __len__(self) -> int:
-        return -(-self.num_samples // self._batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if not self.num_samples:  # a rank with no samples (more ranks than samples) yields nothing

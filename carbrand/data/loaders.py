@@ -1,57 +1,37 @@
-"""One loader interface for the trainer and evaluator, two backends: DALI and torchvision.
+"""One loader interface for the trainer and evaluator, three backends: DALI, torchvision, memory.
 
-    loader, decode = resolve_backend(config.data, device)
-    train = build_train_loader(config.data, dataset.split("train"), rank=..., world_size=..., seed=...,
-                               device=device, dtype=torch.bfloat16, channels_last=True)
+    backend = resolve_backend(config.data, device)          # once per run: one notice, one answer
+    train = build_train_loader(config.data, dataset.split("train"), backend=backend, rank=..., world_size=...,
+                               seed=..., device=device, dtype=torch.bfloat16, channels_last=True)
     for epoch in range(start_epoch, epochs):
         train.set_epoch(epoch, start_batch=resume_batch if epoch == start_epoch else 0)
         for images, labels in train: ...
 
 Images arrive on `device` as normalised `dtype` NCHW (channels_last when asked); labels
-are int64 on `device`. Shards follow the *global* rank (see sharding.py); the loaders
-never go through `accelerator.prepare`, so the evaluator counts samples itself through
-the sample indices the eval loader returns.
+are int64 on `device` (see loader_base.py). Shards follow the *global* rank (sharding.py);
+the loaders never go through `accelerator.prepare`, so the evaluator counts samples itself
+through the sample indices the eval loader returns.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from typing import Protocol
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from carbrand.config import DataConfig
+from carbrand.data.loader_base import EvalLoader, TrainLoader
 from carbrand.data.manifest import Sample
 from carbrand.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
 
-class TrainLoader(Protocol):
-    batches_per_epoch: int  # identical on every rank (DDP would hang otherwise)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Choose the epoch's order; skip its first `start_batch` batches (exact mid-epoch resume)."""
-
-    def __len__(self) -> int:
-        """Batches remaining in the current epoch (after start_batch)."""
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(images, labels) on the device."""
-
-    def close(self) -> None: ...
-
-
-class EvalLoader(Protocol):
-    num_samples: int  # samples on this rank
-
-    def __len__(self) -> int: ...
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(images, labels, sample_indices); indices point into the `samples` list given."""
-
-    def close(self) -> None: ...
+class Backend(NamedTuple):
+    loader: str  # dali | torchvision | memory
+    decode: str  # gpu | cpu | none (memory: nothing is decoded)
 
 
 def dali_available() -> bool:
@@ -62,10 +42,10 @@ def dali_available() -> bool:
     return True
 
 
-def resolve_backend(data: DataConfig, device: torch.device) -> tuple[str, str]:
-    """-> (loader, decode): loader 'dali' | 'torchvision' | 'memory', decode 'gpu' | 'cpu' | 'none'."""
+def resolve_backend(data: DataConfig, device: torch.device) -> Backend:
+    """`data.loader` and `data.decode` (each possibly `auto`) -> the backend this process uses."""
     if data.loader == "memory":
-        return "memory", "none"  # nothing is decoded
+        return Backend("memory", "none")
     if data.decode == "gpu" and device.type != "cuda":
         raise UsageError(f"data.decode=gpu needs a CUDA device, but this process runs on {device}; use data.decode=cpu or auto")
     loader = data.loader
@@ -81,42 +61,36 @@ def resolve_backend(data: DataConfig, device: torch.device) -> tuple[str, str]:
         decode = data.decode
     if decode == "gpu" and loader != "dali":
         raise UsageError("data.decode=gpu needs the DALI loader (data.loader=dali, `pip install carbrand[dali]`); torchvision decodes on the CPU")
-    return loader, decode
+    return Backend(loader, decode)
 
 
-def build_train_loader(data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int, seed: int,
-                       device: torch.device, dtype: torch.dtype, channels_last: bool) -> TrainLoader:
-    loader, decode = resolve_backend(data, device)
-    if loader == "memory":
+def build_train_loader(data: DataConfig, samples: Sequence[Sample], *, backend: Backend, rank: int, world_size: int,
+                       seed: int, device: torch.device, dtype: torch.dtype, channels_last: bool) -> TrainLoader:
+    options = dict(rank=rank, world_size=world_size, seed=seed, device=device, dtype=dtype, channels_last=channels_last)
+    if backend.loader == "memory":
         from carbrand.data.memory_loader import MemoryTrainLoader
 
-        return MemoryTrainLoader(data, samples, rank=rank, world_size=world_size, seed=seed, device=device, dtype=dtype,
-                                  channels_last=channels_last)
-    if loader == "dali":
+        return MemoryTrainLoader(data, samples, **options)
+    if backend.loader == "dali":
         from carbrand.data.dali_pipelines import DaliTrainLoader
 
-        return DaliTrainLoader(data, samples, rank=rank, world_size=world_size, seed=seed, gpu=decode == "gpu",
-                               device=device, dtype=dtype, channels_last=channels_last)
+        return DaliTrainLoader(data, samples, gpu=backend.decode == "gpu", **options)
     from carbrand.data.torch_loader import TorchTrainLoader
 
-    return TorchTrainLoader(data, samples, rank=rank, world_size=world_size, seed=seed,
-                            device=device, dtype=dtype, channels_last=channels_last)
+    return TorchTrainLoader(data, samples, **options)
 
 
-def build_eval_loader(data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int,
+def build_eval_loader(data: DataConfig, samples: Sequence[Sample], *, backend: Backend, rank: int, world_size: int,
                       device: torch.device, dtype: torch.dtype, channels_last: bool) -> EvalLoader:
-    loader, decode = resolve_backend(data, device)
-    if loader == "memory":
+    options = dict(rank=rank, world_size=world_size, device=device, dtype=dtype, channels_last=channels_last)
+    if backend.loader == "memory":
         from carbrand.data.memory_loader import MemoryEvalLoader
 
-        return MemoryEvalLoader(data, samples, rank=rank, world_size=world_size, device=device, dtype=dtype,
-                                  channels_last=channels_last)
-    if loader == "dali":
+        return MemoryEvalLoader(data, samples, **options)
+    if backend.loader == "dali":
         from carbrand.data.dali_pipelines import DaliEvalLoader
 
-        return DaliEvalLoader(data, samples, rank=rank, world_size=world_size, gpu=decode == "gpu",
-                              device=device, dtype=dtype, channels_last=channels_last)
+        return DaliEvalLoader(data, samples, gpu=backend.decode == "gpu", **options)
     from carbrand.data.torch_loader import TorchEvalLoader
 
-    return TorchEvalLoader(data, samples, rank=rank, world_size=world_size,
-                           device=device, dtype=dtype, channels_last=channels_last)
+    return TorchEvalLoader(data, samples, **options)

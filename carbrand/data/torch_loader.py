@@ -1,8 +1,8 @@
 """The torchvision fallback loader (where DALI is not installed): PIL decode, same recipe.
 
-Workers return uint8 HWC crops; normalisation happens after the copy to the device, on
-the 0-255 scale with the same constants as DALI. That sends a quarter of the bytes of
-float32 across PCIe, and the NHWC batch permuted to NCHW is channels_last for free.
+Workers return uint8 HWC crops; normalisation happens after the copy to the device
+(images.Normalizer, with the same constants as DALI): a quarter of float32's bytes
+cross PCIe, and the NHWC batch permuted to NCHW is channels_last for free.
 
 Augmentation randomness is drawn per sample from (seed, rank, epoch, position in the
 epoch), not from each worker's global RNG: the crops do not depend on the number of
@@ -17,26 +17,15 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as F
 
 from carbrand.config import DataConfig
 from carbrand.data.manifest import Sample
-from carbrand.data.preprocessing import (
-    IMAGENET_MEAN_255,
-    IMAGENET_STD_255,
-    TRAIN_ASPECT_RATIO,
-    TRAIN_CROP_ATTEMPTS,
-    eval_crop_box,
-)
-from carbrand.data.sharding import eval_shard, train_batches_per_epoch, train_shard
-
-
-def load_rgb(path) -> Image.Image:
-    """Decode with EXIF orientation applied (as DALI's adjust_orientation does), as RGB."""
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
+from carbrand.data.images import Normalizer, hwc_tensor, load_rgb
+from carbrand.data.loader_base import EvalLoader, TrainLoader
+from carbrand.data.preprocessing import TRAIN_ASPECT_RATIO, TRAIN_CROP_ATTEMPTS, eval_crop_box
 
 
 def random_resized_crop_box(width: int, height: int, scale_min: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -63,10 +52,6 @@ def random_resized_crop_box(width: int, height: int, scale_min: float, rng: np.r
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _hwc_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-
-
 class TrainDataset(Dataset):
     """Keys are (sample index, entropy): the entropy seeds this sample's crop and flip."""
 
@@ -86,7 +71,7 @@ class TrainDataset(Dataset):
                                interpolation=F.InterpolationMode.BILINEAR, antialias=True)
         if rng.random() < 0.5:
             image = F.horizontal_flip(image)
-        return _hwc_tensor(image), sample.label
+        return hwc_tensor(image), sample.label
 
 
 def eval_transform(image: Image.Image, image_size: int, crop_fraction: float) -> torch.Tensor:
@@ -96,7 +81,7 @@ def eval_transform(image: Image.Image, image_size: int, crop_fraction: float) ->
     the same geometry as the DALI eval pipeline.
     """
     box = eval_crop_box(image.width, image.height, image_size, crop_fraction)
-    return _hwc_tensor(image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box))
+    return hwc_tensor(image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box))
 
 
 class EvalDataset(Dataset):
@@ -114,40 +99,19 @@ class EvalDataset(Dataset):
 
 
 class TrainSampler(Sampler):
-    """Yields (index, entropy) for this rank's remaining shard of the current epoch."""
+    """Yields (index, entropy) for the loader's remaining shard of its current epoch."""
 
-    def __init__(self, num_samples: int, *, rank: int, world_size: int, seed: int, batch_size: int):
-        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
-        self.seed, self.batch_size = seed, batch_size
-        self.epoch, self.start_batch = 0, 0
-
-    def _order(self) -> np.ndarray:
-        return train_shard(self.num_samples, seed=self.seed, epoch=self.epoch, rank=self.rank,
-                           world_size=self.world_size, batch_size=self.batch_size)
+    def __init__(self, loader: TrainLoader):
+        self.loader = loader  # epoch and start batch are read at each iteration
 
     def __len__(self) -> int:
-        return len(self._order()) - self.start_batch * self.batch_size
+        return len(self.loader) * self.loader.batch_size
 
     def __iter__(self) -> Iterator[tuple[int, tuple[int, ...]]]:
-        start = self.start_batch * self.batch_size
-        for position, index in enumerate(self._order()[start:], start=start):
-            yield int(index), (self.seed, self.rank, self.epoch, position)
-
-
-class _Output:
-    """uint8 NHWC batch -> normalised `dtype` NCHW on the device (channels_last if asked)."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype, channels_last: bool):
-        self.device, self.dtype, self.channels_last = device, dtype, channels_last
-        self.mean = torch.tensor(IMAGENET_MEAN_255, device=device).view(1, 3, 1, 1)
-        self.inverse_std = (1.0 / torch.tensor(IMAGENET_STD_255, device=device)).view(1, 3, 1, 1)
-
-    def images(self, batch: torch.Tensor) -> torch.Tensor:
-        images = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # channels_last view
-        layout = torch.channels_last if self.channels_last else torch.contiguous_format
-        # Normalise in float32 (one conversion that also sets the layout), then one cast.
-        images = images.to(torch.float32, memory_format=layout).sub_(self.mean).mul_(self.inverse_std)
-        return images.to(self.dtype)
+        loader = self.loader
+        start = loader.start_batch * loader.batch_size
+        for position, index in enumerate(loader.epoch_order(loader.epoch)[start:], start=start):
+            yield int(index), (loader.seed, loader.rank, loader.epoch, position)
 
 
 def _loader_args(data: DataConfig, device: torch.device) -> dict:
@@ -162,49 +126,36 @@ def _loader_args(data: DataConfig, device: torch.device) -> dict:
     }
 
 
-class TorchTrainLoader:
+class TorchTrainLoader(TrainLoader):
     def __init__(self, data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int, seed: int,
                  device: torch.device, dtype: torch.dtype, channels_last: bool):
-        self.batches_per_epoch = train_batches_per_epoch(len(samples), world_size=world_size, batch_size=data.batch_size)
-        self._sampler = TrainSampler(len(samples), rank=rank, world_size=world_size, seed=seed, batch_size=data.batch_size)
+        super().__init__(len(samples), rank=rank, world_size=world_size, seed=seed, batch_size=data.batch_size)
         dataset = TrainDataset(samples, data.image_size, data.crop_scale_min)
-        self._loader = DataLoader(dataset, sampler=self._sampler, drop_last=True, **_loader_args(data, device))
-        self._output = _Output(device, dtype, channels_last)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= self.batches_per_epoch:
-            raise ValueError(f"start_batch {start_batch} is not in 0..{self.batches_per_epoch}")
-        self._sampler.epoch, self._sampler.start_batch = epoch, start_batch
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch - self._sampler.start_batch
+        self._loader = DataLoader(dataset, sampler=TrainSampler(self), drop_last=True, **_loader_args(data, device))
+        self._normalize = Normalizer(device, dtype, channels_last)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self._loader:
-            yield self._output.images(images), labels.to(self._output.device, non_blocking=True)
+            yield self._normalize(images), labels.to(self._normalize.device, non_blocking=True)
 
     def close(self) -> None:
         self._loader = None  # drops the persistent workers' iterator, which shuts them down
 
 
-class TorchEvalLoader:
+class TorchEvalLoader(EvalLoader):
     def __init__(self, data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int,
                  device: torch.device, dtype: torch.dtype, channels_last: bool):
-        shard = eval_shard(len(samples), rank=rank, world_size=world_size)
-        self.num_samples = len(shard)
+        super().__init__(len(samples), rank=rank, world_size=world_size, batch_size=data.batch_size)
         dataset = EvalDataset(samples, data.image_size, data.eval_crop_fraction)
         # A plain list of indices as the sampler: in order, no padding, last batch partial.
-        self._loader = DataLoader(dataset, sampler=shard.tolist(), drop_last=False, **_loader_args(data, device))
-        self._output = _Output(device, dtype, channels_last)
-
-    def __len__(self) -> int:
-        return len(self._loader)
+        self._loader = DataLoader(dataset, sampler=self.shard.tolist(), drop_last=False, **_loader_args(data, device))
+        self._normalize = Normalizer(device, dtype, channels_last)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if not self.num_samples:
             return
         for images, labels, indices in self._loader:
-            yield self._output.images(images), labels.to(self._output.device, non_blocking=True), indices
+            yield self._normalize(images), labels.to(self._normalize.device, non_blocking=True), indices
 
     def close(self) -> None:
         self._loader = None

@@ -1,0 +1,56 @@
+"""Stop a run whose loss or weights became NaN/inf, before anything from it is logged as good or saved.
+
+The loop marks each optimizer step's loss on the device (no host sync per step); the
+check reads the marks of every rank in one small gather, and runs only at the loop's
+sync points: a log, a validation, a checkpoint. The newest checkpoint is therefore
+always from before the blow-up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from carbrand.checkpoint import step_checkpoints
+from carbrand.errors import CarbrandError
+
+
+class DivergenceGuard:
+    def __init__(self, device: torch.device):
+        # first optimizer step whose loss was NaN/inf (0 = none); stays on the device
+        self.first_nonfinite_step = torch.zeros((), dtype=torch.long, device=device)
+        self._step_loss_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self._checked_at_step = -1
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        """One micro-batch's loss, inside the current optimizer step."""
+        self._step_loss_nonfinite |= ~torch.isfinite(loss)
+
+    def end_step(self, step: int, applied: bool) -> None:
+        """Optimizer step `step` (1-based) is done; `applied` is False when the fp16 scaler skipped it."""
+        if applied:  # a skipped step left the weights untouched: its inf loss is the scaler's routine
+            first = self.first_nonfinite_step
+            self.first_nonfinite_step = torch.where(self._step_loss_nonfinite & (first == 0), step, first)
+        self._step_loss_nonfinite.zero_()
+
+    def check(self, accelerator, model: torch.nn.Module, step: int, run_dir: Path) -> None:
+        """Raise on every rank if any rank applied a NaN/inf loss or holds NaN/inf weights (a collective).
+
+        Checked once per step at most: a later sync point of the same step sees the same weights.
+        """
+        if step == self._checked_at_step:
+            return
+        self._checked_at_step = step
+        weights_finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+        local = torch.stack([self.first_nonfinite_step, (~weights_finite).long()]).reshape(1, 2)
+        found = accelerator.gather(local)  # one row per rank: first non-finite step (0 = none), weights non-finite
+        steps = [s for s in found[:, 0].tolist() if s > 0]  # host sync: this is a sync point anyway
+        if not steps and not found[:, 1].any():
+            return
+        what = (f"the loss became NaN or inf at step {min(steps)}" if steps
+                else f"the weights became NaN or inf by step {step}")
+        saved = step_checkpoints(run_dir)
+        newest = f"{saved[-1][1]} (step {saved[-1][0]})" if saved else "none yet"
+        raise CarbrandError(f"training diverged: {what}; stopped without saving it. Newest checkpoint, from before: {newest}. "
+                            f"Lower optim.lr, raise optim.warmup_epochs or set optim.grad_clip_norm")
