@@ -1,10 +1,10 @@
 """`carbrand` console script: one sub-command per job, each owned by its own module.
 
-    carbrand prepare SOURCE --out DIR        carbrand.data.prepare
+    carbrand prepare SOURCE --out DIR        carbrand.prepare.command
     carbrand train --config FILE [k=v ...]   carbrand.train
     carbrand evaluate --checkpoint DIR ...   carbrand.evaluate
     carbrand predict --checkpoint DIR PATH   carbrand.predict
-    carbrand demo                            carbrand.demo
+    carbrand demo                            carbrand.demo.command
     carbrand bench data|train ...            carbrand.bench.command
 
 Each module exposes `add_arguments(parser)` and `run(args) -> int`. A `CarbrandError`
@@ -20,12 +20,12 @@ import sys
 from carbrand.errors import CarbrandError
 
 COMMANDS = {
-    "prepare": ("carbrand.data.prepare", "verify images and write a prepared dataset (manifest)"),
+    "prepare": ("carbrand.prepare.command", "verify images and write a prepared dataset (manifest)"),
     "train": ("carbrand.train", "train a brand classifier (use `accelerate launch` for several processes)"),
     "evaluate": ("carbrand.evaluate", "test-set metrics of an exported model"),
     "predict": ("carbrand.predict", "which brand is this? top-k brands for image files or folders"),
     "bench": ("carbrand.bench.command", "measure loader and training throughput (images/s, JSON)"),
-    "demo": ("carbrand.demo", "generate a demo dataset, then prepare, train, evaluate and predict on it"),
+    "demo": ("carbrand.demo.command", "generate a demo dataset, then prepare, train, evaluate and predict on it"),
 }
 
 

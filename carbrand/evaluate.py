@@ -102,7 +102,7 @@ def open_split(data: Path, split: str, workers: int | None, scratch: Path):
         if not samples:
             raise DataError(f"{data}: split '{split}' is empty (have: {', '.join(n for n, s in dataset.splits.items() if s) or 'none'})")
         return dataset.classes, samples, "prepared"
-    from carbrand.data.prepare import prepare_dataset
+    from carbrand.prepare.command import prepare_dataset
 
     # No val carved out, no leaked copy dropped, no near-duplicate search: every accepted image is evaluated.
     summary = prepare_dataset(data, scratch, quiet=True, val_frac=0.0, test_frac=0.0, keep_leaked=True,

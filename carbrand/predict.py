@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from carbrand.checkpoint import load_export_model
 from carbrand.config import Config
 from carbrand.data.images import Normalizer, load_rgb, upright_rgb
-from carbrand.data.sources import IMAGE_EXTENSIONS
+from carbrand.prepare.formats import IMAGE_EXTENSIONS
 from carbrand.data.torch_loader import eval_transform
 from carbrand.errors import DataError, UsageError
 from carbrand.inference import PRECISIONS, classify, place_model, resolve_precision

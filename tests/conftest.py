@@ -35,7 +35,7 @@ def devkit_dir() -> Path:
 @pytest.fixture(scope="session")
 def prepared_cars5(cars5_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """cars5 prepared with the defaults (seed 0): the output folder holding manifest.json."""
-    from carbrand.data.prepare import prepare_dataset
+    from carbrand.prepare.command import prepare_dataset
 
     out = tmp_path_factory.mktemp("prepared_cars5")
     prepare_dataset(cars5_dir, out, quiet=True)

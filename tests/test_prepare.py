@@ -22,9 +22,9 @@ from image_factory import (
 
 from carbrand import cli
 from carbrand.data.manifest import load_prepared
-from carbrand.data.prepare import prepare_dataset
-from carbrand.data.verify import Limits, VerifyTask, check_image
 from carbrand.errors import DataError, UsageError
+from carbrand.prepare.command import prepare_dataset
+from carbrand.prepare.verify import Limits, VerifyTask, check_image
 
 
 def prepare(source: Path, out: Path, **options):

@@ -11,10 +11,10 @@ import pytest
 from image_factory import write_jpeg
 from scipy.io import savemat
 
-from carbrand.data.prepare import prepare_dataset
-from carbrand.data.sources import detect_format
-from carbrand.data.stanford_cars import make_of, read_annotations, read_class_names
 from carbrand.errors import DataError
+from carbrand.prepare.command import prepare_dataset
+from carbrand.prepare.sources import detect_format
+from carbrand.prepare.stanford_cars import make_of, read_annotations, read_class_names
 
 STAND_IN_SIZE = (160, 120)
 STAND_IN_BOX = (11, 21, 110, 90)  # 1-based inclusive: a 100 x 70 crop

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from carbrand.data.prepare import prepare_dataset
-from carbrand.data.synthetic import BRANDS, make_demo_dataset
+from carbrand.demo.synthetic import BRANDS, make_demo_dataset
+from carbrand.prepare.command import prepare_dataset
 
 
 def file_bytes(root: Path) -> dict[str, bytes]:

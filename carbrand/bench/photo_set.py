@@ -21,8 +21,9 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from carbrand.data.images import load_rgb
-from carbrand.data.manifest import load_prepared, write_prepared
-from carbrand.data.verify import default_workers
+from carbrand.data.manifest import load_prepared
+from carbrand.prepare.manifest_writer import write_prepared
+from carbrand.prepare.verify import default_workers
 from carbrand.errors import UsageError
 
 JPEG_QUALITY = 90

@@ -1,1 +1,1 @@
-"""Datasets: preparing sources into manifests, the demo generator, and the loaders that read them."""
+"""Reading prepared datasets: the manifest, sharding across ranks, preprocessing, and the DALI, torchvision and in-memory loaders."""

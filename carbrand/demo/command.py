@@ -3,7 +3,7 @@
     carbrand demo                 # writes demo/ in the current folder
     carbrand demo --out /tmp/demo --epochs 4
 
-The demo brands are coloured shapes drawn by carbrand.data.synthetic, a stand-in that a
+The demo brands are coloured shapes drawn by carbrand.demo.synthetic, a stand-in that a
 small network learns in a minute or two on a CPU; real photos are one `carbrand prepare`
 away. Training and evaluation run as their own processes, exactly as a user launches them.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from carbrand.errors import CarbrandError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # carbrand/demo/command.py -> the repository
 DEMO_RECIPE = REPO / "configs" / "demo.yaml"
 
 
@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from carbrand.data.prepare import prepare_dataset
-    from carbrand.data.synthetic import make_demo_dataset
+    from carbrand.demo.synthetic import make_demo_dataset
+    from carbrand.prepare.command import prepare_dataset
     from carbrand.predict import Predictor
 
     if not DEMO_RECIPE.is_file():

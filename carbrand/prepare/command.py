@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carbrand.data.duplicates import DEFAULT_NEAR_DUPLICATE_DISTANCE, duplicate_groups
-from carbrand.data.manifest import SPLITS, Sample, write_prepared
-from carbrand.data.sources import FORMATS, IMAGE_EXTENSIONS, Source, SourceItem, discover
-from carbrand.data.splits import Leak, SplitPlan, assign_splits
-from carbrand.data.verify import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageCheck, Limits, VerifyTask, default_workers, verify_images
+from carbrand.data.manifest import SPLITS, Sample
 from carbrand.errors import DataError, UsageError
+from carbrand.prepare.duplicates import DEFAULT_NEAR_DUPLICATE_DISTANCE, duplicate_groups
+from carbrand.prepare.formats import AUTO, FORMATS, IMAGE_EXTENSIONS, STANFORD_CARS, Source, SourceItem, check_format
+from carbrand.prepare.manifest_writer import write_prepared
+from carbrand.prepare.sources import discover
+from carbrand.prepare.splits import Leak, SplitPlan, assign_splits
+from carbrand.prepare.verify import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageCheck, Limits, VerifyTask, default_workers, verify_images
 
 DEFAULT_VAL_FRAC = 0.1
 DEFAULT_TEST_FRAC = 0.1  # only for sources without their own test split
@@ -39,7 +41,7 @@ CROPS_FOLDER = "crops"
 
 @dataclass(frozen=True)
 class PrepareOptions:
-    format: str = "auto"  # auto | imagefolder | stanford-cars
+    format: str = AUTO  # one of formats.FORMATS: auto | imagefolder | stanford-cars
     images: Path | None = None  # Stanford Cars: folder holding cars_train/ and cars_test/
     val_frac: float = DEFAULT_VAL_FRAC  # of each brand (fresh split) or of its training images (given split)
     test_frac: float | None = None  # None: DEFAULT_TEST_FRAC, ignored when the source gives a test split
@@ -82,7 +84,7 @@ def prepare_dataset(source: str | Path, out: str | Path, options: PrepareOptions
         raise UsageError(f"--out {out} exists and is not a directory")
 
     found = discover(source, options.format, options.images, exclude=out)
-    if options.crop_boxes and found.format != "stanford-cars":
+    if options.crop_boxes and found.format != STANFORD_CARS:
         raise UsageError("--crop-boxes needs bounding boxes: only --format stanford-cars has them")
     if not found.items:
         raise DataError(f"no images under {source} (looked for {', '.join(IMAGE_EXTENSIONS)} inside brand folders; {len(found.skipped)} other file(s) skipped)")
@@ -189,8 +191,7 @@ def _validated(options: PrepareOptions) -> PrepareOptions:
             raise UsageError(f"--{name.replace('_', '-')} {value} must be in [0, 1)")
     if options.val_frac + (options.test_frac or 0) >= 1:
         raise UsageError(f"--val-frac {options.val_frac} + --test-frac {options.test_frac} must leave something for train (sum < 1)")
-    if options.format not in FORMATS:
-        raise UsageError(f"--format {options.format!r} is not one of: {', '.join(FORMATS)}")
+    check_format(options.format)
     if options.workers is not None and options.workers < 1:
         raise UsageError(f"--workers {options.workers} must be at least 1")
     if options.min_side < 1 or options.max_pixels < 1:
@@ -275,7 +276,8 @@ def _print_report(summary: PrepareSummary, verified_count: int, verify_seconds: 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SOURCE", type=Path, help="image-folder tree (root/<brand>/ or root/train|val|test/<brand>/) or Stanford Cars devkit folder")
     parser.add_argument("--out", type=Path, required=True, help="output folder for classes.json, the split CSVs and manifest.json")
-    parser.add_argument("--format", choices=FORMATS, default="auto", help="source kind (default: auto = devkit if cars_meta.mat is there, else image folder)")
+    # No argparse `choices`: formats.check_format is the one check, here as for prepare_dataset's callers.
+    parser.add_argument("--format", metavar="{" + ",".join(FORMATS) + "}", default=AUTO, help="source kind (default: auto = devkit if cars_meta.mat is there, else image folder)")
     parser.add_argument("--images", type=Path, default=None, help="Stanford Cars: folder with cars_train/ and cars_test/ (default: next to the devkit)")
     parser.add_argument("--val-frac", type=float, default=DEFAULT_VAL_FRAC, help=f"validation fraction per brand (default: {DEFAULT_VAL_FRAC}; of the training images when the source is already split)")
     parser.add_argument("--test-frac", type=float, default=None, help=f"test fraction per brand (default: {DEFAULT_TEST_FRAC}; ignored when the source gives a test split)")

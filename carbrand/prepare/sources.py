@@ -4,39 +4,22 @@ Three kinds of source:
 
     imagefolder       root/<brand>/**/*.jpg                   no split given
     imagefolder       root/{train,val,test}/<brand>/**/*.jpg  split given by the folders
-    stanford-cars     the devkit .mat files (see carbrand.data.stanford_cars)
+    stanford-cars     the devkit .mat files (see carbrand.prepare.stanford_cars)
 
-Files with an unknown extension and hidden files (.DS_Store) are listed as skipped,
-never silently dropped; files are not opened here (verification decodes them).
+`discover` dispatches on the format; the image-folder discovery lives here. Files with an
+unknown extension and hidden files (.DS_Store) are listed as skipped, never silently
+dropped; files are not opened here (verification decodes them).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from carbrand.errors import DataError, UsageError
+from carbrand.prepare.formats import AUTO, IMAGE_EXTENSIONS, IMAGEFOLDER, STANFORD_CARS, Source, SourceItem, check_format
+from carbrand.prepare.stanford_cars import discover_stanford_cars, find_devkit
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SPLIT_FOLDERS = ("train", "val", "test")
-FORMATS = ("auto", "imagefolder", "stanford-cars")
-
-
-@dataclass(frozen=True)
-class SourceItem:
-    path: Path  # absolute path of the image file
-    brand: str
-    given_split: str | None = None  # "train"/"val"/"test" when the source already fixes it
-    box: tuple[int, int, int, int] | None = None  # x1, y1, x2, y2 (1-based, inclusive), Stanford Cars only
-
-
-@dataclass
-class Source:
-    format: str  # "imagefolder" or "stanford-cars"
-    root: Path  # image paths are reported relative to this
-    items: list[SourceItem]
-    skipped: list[dict[str, str]] = field(default_factory=list)  # [{path, reason}] of files that are not images
-    layout: str = "flat"  # "flat" (root/<brand>), "split" (root/<split>/<brand>) or "devkit"
 
 
 def is_image_name(path: Path) -> bool:
@@ -44,26 +27,21 @@ def is_image_name(path: Path) -> bool:
 
 
 def detect_format(source: Path) -> str:
-    from carbrand.data.stanford_cars import find_devkit
-
     if find_devkit(source) is not None:
-        return "stanford-cars"
-    return "imagefolder"
+        return STANFORD_CARS
+    return IMAGEFOLDER
 
 
 def discover(source: Path, format: str, images: Path | None, exclude: Path | None) -> Source:
     """List the source's images; `exclude` (the output directory) is never scanned."""
-    if format not in FORMATS:
-        raise UsageError(f"--format {format!r} is not one of: {', '.join(FORMATS)}")
+    check_format(format)
     if not source.exists():
         raise DataError(f"source not found: {source}")
     if not source.is_dir():
         raise DataError(f"source must be a directory: {source}")
-    if format == "auto":
+    if format == AUTO:
         format = detect_format(source)
-    if format == "stanford-cars":
-        from carbrand.data.stanford_cars import discover_stanford_cars
-
+    if format == STANFORD_CARS:
         return discover_stanford_cars(source, images)
     if images is not None:
         raise UsageError("--images is only for --format stanford-cars (an image folder holds its own images)")
@@ -81,9 +59,9 @@ def discover_imagefolder(root: Path, exclude: Path | None = None) -> Source:
             items += found
             skipped += ignored
         skipped += _loose_files(root, root)
-        return Source(format="imagefolder", root=root, items=items, skipped=skipped, layout="split")
+        return Source(format=IMAGEFOLDER, root=root, items=items, skipped=skipped, layout="split")
     items, skipped = _list_brand_folders(root, root, None, exclude)
-    return Source(format="imagefolder", root=root, items=items, skipped=skipped, layout="flat")
+    return Source(format=IMAGEFOLDER, root=root, items=items, skipped=skipped, layout="flat")
 
 
 def _list_brand_folders(root: Path, parent: Path, split: str | None, exclude: Path | None) -> tuple[list[SourceItem], list[dict[str, str]]]:

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from carbrand.data.manifest import safe_relative_path
-from carbrand.data.sources import Source, SourceItem
 from carbrand.errors import DataError, UsageError
+from carbrand.prepare.formats import STANFORD_CARS, Source, SourceItem
 
 META_FILE = "cars_meta.mat"
 TRAIN_ANNOTATIONS = "cars_train_annos.mat"
@@ -134,7 +134,7 @@ def discover_stanford_cars(source: Path, images: Path | None) -> Source:
         test_folder = _image_folder(images, "cars_test", required=True)
         items += [_item(test_folder, a, class_names, "test") for a in read_annotations(labelled_test, len(class_names))]
     _require_files(items, images)
-    return Source(format="stanford-cars", root=images, items=items, skipped=[], layout="devkit")
+    return Source(format=STANFORD_CARS, root=images, items=items, skipped=[], layout="devkit")
 
 
 def _item(folder: Path, annotation: Annotation, class_names: list[str], split: str | None) -> SourceItem:
