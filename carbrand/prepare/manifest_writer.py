@@ -1,18 +1,21 @@
 """Write a prepared dataset: classes.json, train/val/test.csv, then manifest.json (see carbrand.data.manifest).
 
-Every file is written to a temporary name and renamed, and manifest.json goes last and is
-removed first, so a crash leaves no directory that load_prepared would accept half-written.
+Each file goes through carbrand.filesystem's atomic write, and manifest.json is removed
+first and written last, so a crash leaves no directory that load_prepared would accept.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from carbrand.data.manifest import FORMAT_VERSION, SPLITS, Sample
+from carbrand.filesystem import write_text_atomically
+
+CSV_COLUMNS = ("path", "label", "brand")
 
 
 def write_prepared(
@@ -25,24 +28,18 @@ def write_prepared(
     """Write the manifest directory; manifest.json last, so a crash leaves no valid-looking half."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "manifest.json").unlink(missing_ok=True)
-    _write_atomic(directory / "classes.json", json.dumps(classes, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomically(directory / "classes.json", json.dumps(classes, indent=2, ensure_ascii=False) + "\n")
     for name in SPLITS:
         rows = [[s.path.relative_to(root).as_posix(), s.label, s.brand] for s in splits.get(name, [])]
-        _write_csv_atomic(directory / f"{name}.csv", rows)
+        write_text_atomically(directory / f"{name}.csv", _csv_text(rows))
     full_info = {"format_version": FORMAT_VERSION, "root": str(root), **info}
-    _write_atomic(directory / "manifest.json", json.dumps(full_info, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomically(directory / "manifest.json", json.dumps(full_info, indent=2, ensure_ascii=False) + "\n")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
-def _write_csv_atomic(path: Path, rows: list[list[Any]]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "brand"])
-        writer.writerows(rows)
-    os.replace(temporary, path)
+def _csv_text(rows: list[list[Any]]) -> str:
+    """The CSV file's text (csv's own quoting and \\r\\n line ends): any character is allowed in a path."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows(rows)
+    return buffer.getvalue()
