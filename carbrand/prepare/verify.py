@@ -68,7 +68,9 @@ def check_image(task: VerifyTask, limits: Limits) -> ImageCheck:
 
 def _decode(task: VerifyTask, data: bytes, sha1: str, limits: Limits) -> ImageCheck:
     import imagehash
-    from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageFile, UnidentifiedImageError
+
+    from carbrand.data.images import upright_rgb
 
     # Strict decoding (Pillow's default, asserted because another module may have relaxed it
     # in this worker's parent): a cut-off JPEG must be rejected, not padded with grey.
@@ -90,7 +92,7 @@ def _decode(task: VerifyTask, data: bytes, sha1: str, limits: Limits) -> ImageCh
         except OSError as error:
             reason = "truncated image" if "truncated" in str(error).lower() else f"cannot decode: {error}"
             return _reject(task, reason, sha1)
-    oriented = ImageOps.exif_transpose(image)
+    oriented = upright_rgb(image)  # what the loaders will see: a file that cannot become RGB is rejected here
     width, height = oriented.size
     if min(width, height) < limits.min_side:
         return _reject(task, f"too small: {width}x{height}, short side below min_side {limits.min_side}", sha1)
@@ -103,7 +105,7 @@ def _decode(task: VerifyTask, data: bytes, sha1: str, limits: Limits) -> ImageCh
 
 
 def _write_crop(image, task: VerifyTask, limits: Limits) -> tuple[int, int]:
-    from PIL import ImageOps
+    from carbrand.data.images import upright_rgb
 
     # Boxes were drawn on the stored pixels, so crop before applying the EXIF orientation.
     x1, y1, x2, y2 = task.crop_box
@@ -111,7 +113,7 @@ def _write_crop(image, task: VerifyTask, limits: Limits) -> tuple[int, int]:
     right, bottom = min(image.width, x2), min(image.height, y2)
     if right <= left or bottom <= top:
         return 0, 0
-    crop = ImageOps.exif_transpose(image.crop((left, top, right, bottom))).convert("RGB")
+    crop = upright_rgb(image.crop((left, top, right, bottom)))
     task.crop_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = task.crop_path.with_name(task.crop_path.name + f".{os.getpid()}.tmp")
     crop.save(temporary, format="JPEG", quality=95)
