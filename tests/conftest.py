@@ -1,16 +1,14 @@
-"""Shared fixtures: the real test photos live in ../shared beside the repository, never inside it.
-
-CARBRAND_TEST_DATA points elsewhere (a GPU host that has the photos in another place).
+"""Shared fixtures: the real test photos (in ../shared beside the repository, or where CARBRAND_TEST_DATA
+points: tests/helpers/paths.py), and a clean Accelerate state after in-process runs.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(os.environ.get("CARBRAND_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+from tests.helpers.paths import SHARED_DATA
 
 
 def shared_folder(name: str, what: str) -> Path:
@@ -18,6 +16,15 @@ def shared_folder(name: str, what: str) -> Path:
     if not path.is_dir():
         pytest.fail(f"{what} missing: {path} (clone the repository next to shared/, or set CARBRAND_TEST_DATA)")
     return path
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """A command run in-process makes an Accelerator (a singleton): the next test must start from a clean slate."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(True)
 
 
 @pytest.fixture(scope="session")

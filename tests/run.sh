@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 # torch/torchvision first and pinned: an unpinned resolve may pull a multi-GB build from the network.
 python3 -c "import torch, torchvision" 2>/dev/null || python3 -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 python3 -m pip install --quiet -e ".[dev]"
-# The SLURM tests start a real two-node cluster on this host (tests/slurm_cluster.py): Debian's packages, a few MB.
+# The SLURM tests start a real two-node cluster on this host (tests/helpers/slurm_cluster.py): Debian's packages, a few MB.
 if [[ ! -x /usr/sbin/slurmctld && ${CARBRAND_SKIP_SLURM:-0} != 1 ]]; then
     sudo=$( (( EUID == 0 )) || echo sudo )
     $sudo apt-get update -qq >/dev/null

@@ -14,8 +14,9 @@ nvidia-smi -L | tee "$out/gpu.txt"
 carbrand=(python3 -m carbrand.cli)  # an array, not a function: `timeout` runs programs
 step() { local limit=$1; shift; echo "== $(date +%T) $*"; timeout "$limit" "$@"; echo "== exit $?"; }
 
+shared_data=${CARBRAND_TEST_DATA:-../shared/data}  # the real test photos, found as tests/helpers/paths.py finds them
 prepared=data/cars5/prepared  # the cars5 photos; realistic sets are re-encoded from them
-[ -f "$prepared/manifest.json" ] || "${carbrand[@]}" prepare "${CARBRAND_TEST_DATA:-../shared/data}/cars5" --out "$prepared"
+[ -f "$prepared/manifest.json" ] || "${carbrand[@]}" prepare "$shared_data/cars5" --out "$prepared"
 # Loaders: photos re-encoded at 500x375 and 1024x768, 32 copies (8,512 train images, Stanford Cars' size)
 step 150 "${carbrand[@]}" bench data --manifest "$prepared" --photo-size 1024x768 --photo-size 500x375 --copies 32 \
   --workers 16 --batch-size 256 --batches 20 --warmup-batches 5 --out "$out/bench_data.json"

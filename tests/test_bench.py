@@ -10,7 +10,9 @@ import sys
 
 import pytest
 from PIL import Image
-from training_runs import CPU_RECIPE, REPO, subprocess_environment
+from tests.helpers.paths import REPO
+from tests.helpers.subprocesses import assert_ok, subprocess_environment
+from tests.helpers.training_runs import CPU_RECIPE
 
 from carbrand.bench.photo_set import build_photo_set, describe
 from carbrand.data.manifest import load_prepared
@@ -51,7 +53,7 @@ def test_bench_data_measures_each_backend_and_compares_with_torchvision(photo_se
     done = bench("data", "--manifest", str(photo_set), "--backends", "dali-cpu,torchvision", "--pipelines", "train,eval",
                  "--workers", "1", "--batch-size", "8", "--image-size", "32", "--batches", "3", "--warmup-batches", "1",
                  "--out", str(out))
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert_ok(done)
     report = json.loads(out.read_text())
     assert json.loads(done.stdout) == report
     rows = {(r["pipeline"], r["backend"]): r for r in report["results"]}
@@ -68,7 +70,7 @@ def test_bench_train_runs_real_memory_and_bare_and_pairs_them(prepared_cars5, tm
     out = tmp_path / "train.json"
     done = bench("train", "--config", str(CPU_RECIPE), f"data.manifest={prepared_cars5}", "data.image_size=32",
                  "data.batch_size=8", "--precisions", "no", "--steps", "4", "--warmup-steps", "2", "--out", str(out))
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert_ok(done)
     report = json.loads(out.read_text())
     assert (report["arch"], report["batch_size"], report["image_size"]) == ("resnet18", 8, 32)
     rates = {r["measure"]: r for r in report["results"]}

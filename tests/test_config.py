@@ -4,15 +4,13 @@ import dataclasses
 import re
 import subprocess
 import sys
-from pathlib import Path
-
 import pytest
 import yaml
 
 from carbrand.config import Config, load_config
 from carbrand.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.paths import REPO
 
 
 def test_default_yaml_documents_every_key_with_its_default():

@@ -5,7 +5,8 @@ import subprocess
 
 import pytest
 
-from training_runs import REPO, subprocess_environment
+from tests.helpers.paths import REPO
+from tests.helpers.subprocesses import assert_ok, subprocess_environment
 
 
 @pytest.mark.slow
@@ -13,7 +14,7 @@ def test_demo_runs_the_whole_story_and_learns(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run(["carbrand", "demo", "--out", str(out), "--epochs", "4"], capture_output=True, text=True,
                             timeout=600, env=subprocess_environment(), cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ok(result)
     for name in ("model.safetensors", "classes.json", "config.yaml"):
         assert (out / "run" / "best" / name).is_file()
     metrics = json.loads((out / "run" / "eval_test" / "metrics.json").read_text())

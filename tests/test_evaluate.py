@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,12 @@ from carbrand.checkpoint import plain_state_dict, save_export
 from carbrand.config import load_config
 from carbrand.model import build_model
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.paths import REPO
+from tests.helpers.subprocesses import assert_ok, subprocess_environment
+from tests.helpers.training_runs import launch_command
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # in-process runs create an Accelerator
+
 EVALUATE = REPO / "carbrand" / "evaluate.py"
 CARS5 = ["audi", "bmw", "ferrari", "lamborghini", "mercedes"]
 
@@ -75,30 +78,6 @@ def fitted_export(prepared_cars5: Path, tmp_path_factory: pytest.TempPathFactory
     return fit_export(tmp_path_factory.mktemp("run") / "best", prepared_cars5)
 
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """In-process runs create an Accelerator; forget its singleton state afterwards."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-
-
-def subprocess_environment() -> dict[str, str]:
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def evaluate_in_process(*args: str) -> int:
     from carbrand import evaluate
 
@@ -139,14 +118,13 @@ def cars5_runs(fitted_export, prepared_cars5, tmp_path_factory) -> dict:
     """The cars5 test split evaluated by 1 process (file form) and by 2 over gloo (accelerate launch)."""
     tmp_path = tmp_path_factory.mktemp("cars5_eval")
     common = ["--checkpoint", fitted_export, "--data", prepared_cars5, "--split", "test"]
-    one = [sys.executable, EVALUATE, *common, "--out", tmp_path / "one", "--batch-size", "7"]  # 100 = 14 x 7 + 2
-    two = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           EVALUATE, *common, "--out", tmp_path / "two", "--batch-size", "9"]  # 50 per rank = 5 x 9 + 5
+    one = launch_command(1, EVALUATE) + [*common, "--out", tmp_path / "one", "--batch-size", "7"]  # 100 = 14 x 7 + 2
+    two = launch_command(2, EVALUATE) + [*common, "--out", tmp_path / "two", "--batch-size", "9"]  # 50 per rank = 5 x 9 + 5
     # Both at once: the machine has few cores and each run is mostly start-up.
     runs = [subprocess.Popen([str(a) for a in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=subprocess_environment(), cwd=tmp_path) for command in (one, two)]
-    results = [(*run.communicate(timeout=300), run.returncode) for run in runs]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    results = [subprocess.CompletedProcess(run.args, run.returncode, *output) for run, output in zip(runs, outputs)]
     return {"dir": tmp_path, "one": tmp_path / "one", "two": tmp_path / "two", "results": results}
 
 
@@ -155,10 +133,10 @@ def test_one_and_two_processes_count_every_image_once_and_agree(cars5_runs, prep
 
     test_split = load_prepared(prepared_cars5).split("test")
     tmp_path = cars5_runs["dir"]
-    for stdout, stderr, code in cars5_runs["results"]:
-        assert code == 0, stderr[-3000:]
-        assert stdout.count("wrote ") == 1  # only the main process prints the summary
-        assert "accuracy" in stdout and "lamborghini" in stdout
+    for result in cars5_runs["results"]:
+        assert_ok(result)
+        assert result.stdout.count("wrote ") == 1  # only the main process prints the summary
+        assert "accuracy" in result.stdout and "lamborghini" in result.stdout
 
     one_metrics, one_rows = read_outputs(tmp_path / "one")
     two_metrics, two_rows = read_outputs(tmp_path / "two")

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 import torch
-from training_runs import read_metrics, run_training, subprocess_environment
+from tests.helpers.subprocesses import assert_ok, subprocess_environment
+from tests.helpers.training_runs import read_metrics, run_training
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -21,7 +22,7 @@ GPU_RUN = ("data.loader=dali", "data.decode=gpu", "train.channels_last=true", "t
 def test_gpu_training_with_dali_gpu_decode_then_evaluate(prepared_cars5, tmp_path, precision):
     run_dir = tmp_path / "run"
     done = run_training(prepared_cars5, run_dir, *GPU_RUN, f"train.precision={precision}")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert_ok(done)
     assert "loader dali (decode gpu)" in done.stdout
     records = read_metrics(run_dir)
     losses = [r["train/loss"] for r in records if "train/loss" in r]
@@ -31,7 +32,7 @@ def test_gpu_training_with_dali_gpu_decode_then_evaluate(prepared_cars5, tmp_pat
     evaluated = subprocess.run([sys.executable, "-m", "carbrand.evaluate", "--checkpoint", str(run_dir / "best"),
                                 "--data", str(prepared_cars5), "--decode", "gpu", "--loader", "dali", "--out", str(out)],
                                capture_output=True, text=True, env=subprocess_environment(), timeout=600)
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert_ok(evaluated)
     assert json.loads((out / "metrics.json").read_text())["samples"] == 100
 
 
@@ -39,6 +40,6 @@ def test_memory_loader_run_is_faster_than_nothing_and_counts_images(prepared_car
     """data.loader=memory on the GPU: the input-free ceiling the benchmark compares against."""
     run_dir = tmp_path / "run"
     done = run_training(prepared_cars5, run_dir, *GPU_RUN, "train.precision=bf16", "data.loader=memory")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert_ok(done)
     rates = [r["train/images_per_second"] for r in read_metrics(run_dir) if "train/images_per_second" in r]
     assert len(rates) == 3 and min(rates) > 0

@@ -10,16 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from training_runs import (
-    CPU_RECIPE,
-    QUICK,
-    REPO,
-    TRAIN_SCRIPT,
-    free_port,
-    last_value,
-    read_metrics,
-    subprocess_environment,
-)
+from tests.helpers.paths import REPO
+from tests.helpers.ports import free_port
+from tests.helpers.subprocesses import subprocess_environment
+from tests.helpers.training_runs import CPU_RECIPE, QUICK, TRAIN_SCRIPT, last_value, read_metrics
 
 TORCHRUN_WRAPPER = REPO / "launch" / "torchrun.sh"
 

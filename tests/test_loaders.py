@@ -18,18 +18,14 @@ from carbrand.data.manifest import Sample
 from carbrand.data.sharding import train_shard
 from carbrand.errors import DataError, UsageError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 BACKENDS = ["dali", "torchvision"]
 CPU = torch.device("cpu")
 SIZE = 64
 
 
 @pytest.fixture
-def cars5(request) -> Path:
-    try:
-        return request.getfixturevalue("cars5_dir")  # tests/conftest.py, where present
-    except pytest.FixtureLookupError:
-        return SHARED / "data" / "cars5"
+def cars5(cars5_dir: Path) -> Path:
+    return cars5_dir  # tests/conftest.py: the shared photos, wherever CARBRAND_TEST_DATA puts them
 
 
 def read_split(root: Path) -> list[Sample]:

@@ -143,11 +143,9 @@ def test_preprocessing_is_the_torchvision_eval_loaders(export, cars5_dir):
         assert torch.equal(predictor.preprocess(load_image(sample.path)), expected)
 
 
-def test_predictor_agrees_with_the_evaluator(export, photos, tmp_path):
+def test_predictor_agrees_with_the_evaluator(export, photos, tmp_path, fresh_accelerate_state):
     """Same model, same torchvision preprocessing: the evaluator's confidence is the predictor's probability."""
     import csv
-
-    from accelerate.state import AcceleratorState
 
     from carbrand import evaluate
     from carbrand.predict import Predictor
@@ -156,11 +154,8 @@ def test_predictor_agrees_with_the_evaluator(export, photos, tmp_path):
     for path in sorted(photos["folder"].rglob("car.jpg")):
         (raw / path.parent.name).mkdir(parents=True)
         shutil.copy(path, raw / path.parent.name / "car.jpg")
-    try:
-        code = evaluate.main(["--checkpoint", str(export), "--data", str(raw), "--out", str(tmp_path / "eval"),
-                              "--loader", "torchvision", "--workers", "0", "--batch-size", "2", "--wandb-mode", "disabled"])
-    finally:
-        AcceleratorState._reset_state(True)
+    code = evaluate.main(["--checkpoint", str(export), "--data", str(raw), "--out", str(tmp_path / "eval"),
+                          "--loader", "torchvision", "--workers", "0", "--batch-size", "2", "--wandb-mode", "disabled"])
     assert code == 0
     with (tmp_path / "eval" / "predictions.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from image_factory import (
+from tests.helpers.image_factory import (
     photo,
     write_brand_tree,
     write_exif_rotated,

@@ -1,6 +1,6 @@
 """slurm/train.sbatch and slurm/evaluate.sbatch on a real two-node SLURM cluster started on this host.
 
-The cluster (tests/slurm_cluster.py) is Debian's SLURM 22.05; tests/run.sh installs it. Without
+The cluster (tests/helpers/slurm_cluster.py) is Debian's SLURM 22.05; tests/run.sh installs it. Without
 it these tests fail with the install command; CARBRAND_SKIP_SLURM=1 skips them on purpose.
 """
 
@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster
-from training_runs import CPU_RECIPE, QUICK, REPO, free_port, last_value, read_metrics, subprocess_environment
+from tests.helpers.paths import REPO
+from tests.helpers.ports import free_port
+from tests.helpers.slurm_cluster import SlurmCluster
+from tests.helpers.subprocesses import assert_ok, subprocess_environment
+from tests.helpers.training_runs import CPU_RECIPE, QUICK, last_value, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +53,7 @@ def test_two_nodes_train_then_evaluate(cluster, prepared_cars5, tmp_path):
     submitted = cluster.run(train_job("--wait", prepared_cars5, run_dir, log, "train.epochs=1"),
                             env=env, cwd=REPO, timeout=600, check=False)
     text = log.read_text() if log.exists() else submitted.stderr
-    assert submitted.returncode == 0, text[-4000:]
+    assert_ok(submitted, log=text)
     assert "2 node(s) n[1-2] x 1 process(es) = world size 2" in text, text[:2000]  # the resolved topology
     assert "rendezvous c10d at 127.0.0.1:" in text  # NodeAddr: the node names n1, n2 do not resolve
     records = read_metrics(run_dir)
@@ -64,7 +67,7 @@ def test_two_nodes_train_then_evaluate(cluster, prepared_cars5, tmp_path):
                              str(run_dir / "best"), str(prepared_cars5), "--split", "test", "--out", str(out)],
                             env=env, cwd=REPO, timeout=600, check=False)
     text = eval_log.read_text() if eval_log.exists() else evaluated.stderr
-    assert evaluated.returncode == 0, text[-4000:]
+    assert_ok(evaluated, log=text)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["samples"] == 100  # every test image once, over 2 processes on 2 nodes
     assert "(2 process(es)" in text

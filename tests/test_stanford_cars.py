@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from image_factory import write_jpeg
+from tests.helpers.image_factory import write_jpeg
 from scipy.io import savemat
 
 from carbrand.errors import DataError

@@ -12,16 +12,10 @@ from safetensors.torch import load_file
 
 from carbrand.checkpoint import load_export_model
 from carbrand.model import build_model
-from training_runs import (
-    REPO,
-    last_value,
-    launch_command,
-    read_metrics,
-    run_training,
-    subprocess_environment,
-    train_command,
-)
-from wandb_records import read_history
+from tests.helpers.paths import HELPERS, REPO
+from tests.helpers.subprocesses import assert_ok, subprocess_environment
+from tests.helpers.training_runs import last_value, launch_command, read_metrics, run_training, train_command
+from tests.helpers.wandb_records import read_history
 
 
 def assert_complete_run_dir(run_dir):
@@ -36,7 +30,7 @@ def assert_complete_run_dir(run_dir):
 def test_two_processes_train_on_cars5_and_ranks_agree(prepared_cars5, tmp_path):
     run_dir = tmp_path / "run"
     result = run_training(prepared_cars5, run_dir, "train.epochs=2", num_processes=2)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ok(result)
     assert_complete_run_dir(run_dir)
     records = read_metrics(run_dir)
     assert last_value(records, "run/world_size") == 2
@@ -56,13 +50,13 @@ def read_split(prepared, split):
 
 
 def test_ddp_update_equals_single_process_with_double_batch(tmp_path):
-    worker = REPO / "tests" / "ddp_step_worker.py"
+    worker = HELPERS / "ddp_step_worker.py"
     env = subprocess_environment()
     single, double = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     for processes, out in ((1, single), (2, double)):
         result = subprocess.run(launch_command(processes, worker) + [str(out)], capture_output=True, text=True,
                                 timeout=300, env=env, cwd=REPO)
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert_ok(result)
     torch.manual_seed(0)
     initial = build_model("resnet18", num_classes=5).state_dict()
     one, two = load_file(str(single)), load_file(str(double))
@@ -77,7 +71,7 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(prepared_cars5, tmp_pa
     common = ("train.epochs=3", "train.log_every=1", "train.seed=3")
     straight = tmp_path / "straight"
     result = run_training(prepared_cars5, straight, *common)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ok(result)
 
     # Stop a second run with SIGUSR1 once its first epoch checkpoint exists, then resume it.
     stopped = tmp_path / "stopped"
@@ -94,7 +88,7 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(prepared_cars5, tmp_pa
     assert stopped_at < total, "the run finished before the stop: the test proves nothing"
 
     result = run_training(prepared_cars5, stopped, *common)  # train.resume defaults to auto
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ok(result)
     assert f"resumed from {stopped / 'checkpoints' / f'step_{stopped_at}'} at step {stopped_at}" in result.stdout
     records = read_metrics(stopped)
     assert last_value(records, "run/restarts") == 1
@@ -113,7 +107,7 @@ def test_wandb_offline_run_holds_the_logged_values(prepared_cars5, tmp_path):
     env = subprocess_environment() | {"WANDB_MODE": "offline", "WANDB_API_KEY": "x" * 40}
     result = run_training(prepared_cars5, run_dir, "train.max_steps=6", "train.log_every=2", "wandb.mode=offline",
                           env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ok(result)
     runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, list((run_dir / "wandb").rglob("*"))
     history = read_history(runs[0])
@@ -148,7 +142,7 @@ def test_runs_as_module_and_console_script(prepared_cars5, tmp_path):
         result = subprocess.run(command + ["--config", str(REPO / "configs/cars5_cpu.yaml"), f"data.manifest={prepared_cars5}",
                                            f"output.dir={run_dir}", "train.max_steps=2"],
                                 capture_output=True, text=True, timeout=300, env=subprocess_environment(), cwd=REPO)
-        assert result.returncode == 0, result.stderr[-2000:]
+        assert_ok(result)
         assert (run_dir / "best" / "model.safetensors").is_file()
 
 
@@ -157,7 +151,7 @@ def test_it_learns_cars5_from_random_init(prepared_cars5, tmp_path):
     """The cars5 CPU recipe as shipped (96 px, 16 epochs): the best model beats chance (20%) on test."""
     run_dir = tmp_path / "run"
     result = run_training(prepared_cars5, run_dir, "data.image_size=96")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ok(result)
     records = read_metrics(run_dir)
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3, "training loss did not fall"
@@ -165,7 +159,7 @@ def test_it_learns_cars5_from_random_init(prepared_cars5, tmp_path):
     evaluation = subprocess.run([sys.executable, "-m", "carbrand.evaluate", "--checkpoint", str(run_dir / "best"),
                                  "--data", str(prepared_cars5), "--split", "test", "--out", str(tmp_path / "eval")],
                                 capture_output=True, text=True, timeout=300, env=subprocess_environment(), cwd=REPO)
-    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert_ok(evaluation)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["samples"] == 100
     # 32 or more right out of 100 happens by chance with probability < 0.5%; this recipe reaches 40.

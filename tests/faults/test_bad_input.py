@@ -28,8 +28,8 @@ from carbrand import cli
 from carbrand.checkpoint import plain_state_dict, save_export
 from carbrand.config import load_config
 from carbrand.model import build_model
-from faults.processes import tree
-from training_runs import CPU_RECIPE
+from tests.helpers.fault_runs import tree
+from tests.helpers.training_runs import CPU_RECIPE
 
 CARS5 = ["audi", "bmw", "ferrari", "lamborghini", "mercedes"]
 TRAIN = "train --config {recipe} data.manifest={prepared} output.dir={out} data.loader=torchvision data.workers=0"

@@ -9,8 +9,10 @@ import torch
 
 from carbrand.checkpoint import find_resume_checkpoint, load_export_model, load_training_checkpoint
 from carbrand.model import build_model, load_classifier_state
-from faults.processes import FAULTS, TINY, fault_environment, start_training
-from training_runs import REPO, run_training
+from tests.helpers.fault_runs import TINY, fault_environment, start_training
+from tests.helpers.paths import HELPERS, REPO
+from tests.helpers.subprocesses import assert_ok
+from tests.helpers.training_runs import run_training
 
 COMMON = ("data.loader=torchvision", "train.max_steps=8", "train.log_every=2", "train.checkpoint_every_steps=3")
 
@@ -18,7 +20,7 @@ COMMON = ("data.loader=torchvision", "train.max_steps=8", "train.log_every=2", "
 @pytest.mark.slow
 def test_kill_while_saving_a_step_checkpoint(prepared_cars5, tmp_path):
     run_dir = tmp_path / "run"
-    wrapper = [sys.executable, str(FAULTS / "kill_during_save.py"), "6"]
+    wrapper = [sys.executable, str(HELPERS / "kill_during_save.py"), "6"]
     run = start_training(prepared_cars5, run_dir, *COMMON, logs=tmp_path / "logs", wrapper=wrapper)
     assert run.wait(timeout=300) == -9, run.stderr[-3000:]
 
@@ -34,7 +36,7 @@ def test_kill_while_saving_a_step_checkpoint(prepared_cars5, tmp_path):
     assert loaded.training_state["progress"]["step"] == 3
 
     result = run_training(prepared_cars5, run_dir, *TINY, *COMMON, env=fault_environment())  # train.resume: auto
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ok(result)
     assert f"resumed from {previous} at step 3" in result.stdout
     assert (checkpoints / "step_6").is_dir() and (checkpoints / "step_8").is_dir()
     assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")], "the crash's leftovers are cleaned up"

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from faults.processes import error_line, logged_steps, start_ranks, start_training, wait_until, worker_ranks
+from tests.helpers.fault_runs import error_line, logged_steps, start_ranks, start_training, wait_until, worker_ranks
 
 TIMEOUT_S = 15  # train.collective_timeout_s in these runs (a legitimate wait here is a few seconds)
 SLACK_S = 15  # naming the silent rank (3 s), tearing down loaders, a busy CI machine

@@ -8,7 +8,7 @@ import resource
 
 import pytest
 
-from faults.processes import complete_checkpoints, error_line, start_training, tree
+from tests.helpers.fault_runs import complete_checkpoints, error_line, start_training, tree
 
 QUICK_RUN = ("data.loader=torchvision", "train.max_steps=4", "train.log_every=1")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from carbrand.checkpoint import load_training_checkpoint
-from faults.processes import complete_checkpoints, logged_steps, start_ranks, wait_until
+from tests.helpers.fault_runs import complete_checkpoints, logged_steps, start_ranks, wait_until
 
 LOG_EVERY = 2
 

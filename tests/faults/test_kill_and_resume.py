@@ -8,8 +8,9 @@ import signal
 
 import pytest
 
-from faults.processes import TINY, complete_checkpoints, fault_environment, logged_steps, start_training, wait_until
-from training_runs import last_value, read_metrics, run_training
+from tests.helpers.fault_runs import TINY, complete_checkpoints, fault_environment, logged_steps, start_training, wait_until
+from tests.helpers.subprocesses import assert_ok
+from tests.helpers.training_runs import last_value, read_metrics, run_training
 
 # 16 steps in the one epoch (266 images, batch 16): the kill comes after step 6, between checkpoints.
 # The torchvision loader draws each crop from (seed, rank, epoch, position), so a resumed run sees
@@ -28,7 +29,7 @@ def train_losses(records: list[dict]) -> dict[int, float]:
 def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(prepared_cars5, tmp_path):
     straight = tmp_path / "straight"
     result = run_training(prepared_cars5, straight, *COMMON, env=fault_environment())
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ok(result)
     total = last_value(read_metrics(straight), "run/total_steps")
 
     killed = tmp_path / "killed"
@@ -40,7 +41,7 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(prepared_cars
     assert newest < max(logged_steps(killed)) < total, "the kill must land between checkpoints, before the end"
 
     result = run_training(prepared_cars5, killed, *COMMON, env=fault_environment())  # train.resume: auto
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ok(result)
     assert f"resumed from {killed / 'checkpoints' / f'step_{newest}'} at step {newest}" in result.stdout
 
     records, reference = read_metrics(killed), read_metrics(straight)

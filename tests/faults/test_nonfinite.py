@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from carbrand.checkpoint import load_training_checkpoint
-from faults.processes import FAULTS, complete_checkpoints, error_line, start_training
-from training_runs import read_metrics
+from tests.helpers.fault_runs import complete_checkpoints, error_line, start_training
+from tests.helpers.paths import HELPERS
+from tests.helpers.training_runs import read_metrics
 
 # AdamW at lr 1e6 with no warm-up: the loss grows ~1e15, ~1e18, then turns NaN around step 4.
 BLOW_UP = ("data.loader=torchvision", "optim.lr=1e6", "optim.warmup_epochs=0", "train.max_steps=12",
@@ -39,7 +40,7 @@ def test_blow_up_stops_with_the_step_and_a_checkpoint_from_before(log_every, pre
 def test_fp16_scaler_skips_are_counted_and_logged_not_fatal(prepared_cars5, tmp_path):
     """fp16 needs CUDA: on a CPU the scaler's "skipped" answer is faked for steps 2 and 3 (see fake_scaler_skips.py)."""
     run_dir = tmp_path / "run"
-    wrapper = [sys.executable, str(FAULTS / "fake_scaler_skips.py"), "2,3"]
+    wrapper = [sys.executable, str(HELPERS / "fake_scaler_skips.py"), "2,3"]
     run = start_training(prepared_cars5, run_dir, "data.loader=torchvision", "train.max_steps=6", "train.log_every=1",
                          logs=tmp_path / "logs", wrapper=wrapper)
     assert run.wait(timeout=300) == 0, run.stderr[-3000:]

@@ -22,8 +22,8 @@ from carbrand import cli
 from carbrand.checkpoint import plain_state_dict, save_export
 from carbrand.config import load_config
 from carbrand.model import build_model
-from faults.processes import error_line, start_training, tree
-from training_runs import CPU_RECIPE
+from tests.helpers.fault_runs import error_line, start_training, tree
+from tests.helpers.training_runs import CPU_RECIPE
 
 CARS5 = ["audi", "bmw", "ferrari", "lamborghini", "mercedes"]
 

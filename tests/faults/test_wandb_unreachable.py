@@ -3,29 +3,22 @@
 (The offline run's history and the key's absence there: tests/test_train.py::test_wandb_offline_run_holds_the_logged_values.)
 """
 
-import socket
-
 import pytest
 
-from faults.processes import fault_environment, start_training
-from training_runs import read_metrics
+from tests.helpers.fault_runs import fault_environment, start_training
+from tests.helpers.ports import free_port
+from tests.helpers.training_runs import read_metrics
 
 API_KEY = "carbrand" + "0123456789abcdef" * 2  # 40 characters, the shape of a real key
-
-
-def closed_port() -> int:
-    """A local port nothing listens on: connections are refused at once, as with a server that is down."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_unreachable_server_warns_once_and_training_finishes(prepared_cars5, tmp_path):
     run_dir, home = tmp_path / "run", tmp_path / "home"
     home.mkdir()
+    # W&B's server: a port nobody listens on, so connections are refused at once, as with a server that is down
     env = fault_environment() | {
-        "WANDB_MODE": "online", "WANDB_BASE_URL": f"http://127.0.0.1:{closed_port()}", "WANDB_API_KEY": API_KEY,
+        "WANDB_MODE": "online", "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}", "WANDB_API_KEY": API_KEY,
         "CARBRAND_WANDB_INIT_TIMEOUT": "5", "HOME": str(home),  # W&B's settings and any credential file land here
     }
     env.pop("WANDB_SILENT")  # everything W&B would say to a user

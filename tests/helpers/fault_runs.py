@@ -14,9 +14,11 @@ from pathlib import Path
 
 import psutil
 
-from training_runs import REPO, free_port, subprocess_environment, train_command
+from tests.helpers.paths import REPO
+from tests.helpers.ports import free_port
+from tests.helpers.subprocesses import subprocess_environment
+from tests.helpers.training_runs import train_command
 
-FAULTS = Path(__file__).resolve().parent
 # Fault tests train at 32 px (the smallest allowed) with the loading in the training process: what they
 # check does not depend on either, and on a 2-core CI machine this halves the time of a short run.
 TINY = ("data.image_size=32", "data.workers=0")

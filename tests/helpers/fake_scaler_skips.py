@@ -1,6 +1,6 @@
 """Test-only wrapper: run the trainer with the fp16 grad scaler reporting skipped steps STEPS (e.g. 2,3).
 
-    python tests/faults/fake_scaler_skips.py 2,3 --config ... [key=value ...]
+    python tests/helpers/fake_scaler_skips.py 2,3 --config ... [key=value ...]
 
 fp16 needs a CUDA GPU, so on a CPU the scaler never runs. This answers Accelerate's
 `optimizer_step_was_skipped` as the scaler would after inf gradients on those steps, to show

@@ -1,6 +1,6 @@
 """Test-only wrapper: run the trainer and SIGKILL it half-way through writing checkpoints/step_STEP.
 
-    python tests/faults/kill_during_save.py STEP --config ... [key=value ...]
+    python tests/helpers/kill_during_save.py STEP --config ... [key=value ...]
 
 The checkpoint's first file (model.safetensors) is written into the temporary folder, cut
 to half its size, and the process kills itself: what kill -9 or a node failure at the worst

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.paths import REPO
+from tests.helpers.ports import free_port
+from tests.helpers.subprocesses import subprocess_environment
+
 TRAIN_SCRIPT = REPO / "carbrand" / "train.py"
 CPU_RECIPE = REPO / "configs" / "cars5_cpu.yaml"
 
@@ -19,21 +21,6 @@ def launch_command(num_processes: int, script: Path = TRAIN_SCRIPT) -> list[str]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
             str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(free_port()), str(script)]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def subprocess_environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(WANDB_MODE="disabled", PYTHONUNBUFFERED="1", WANDB_SILENT="true")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
 
 
 # Behaviour tests train at 64 px to stay quick; the learning test uses the recipe unchanged.

@@ -4,14 +4,14 @@ Run with 1 process (batch 2B) and with 2 processes (batch B each, rank r takes h
 DDP is correct when both give the same parameters. Batch norm runs in eval mode so its
 statistics do not depend on the per-process batch.
 
-    python tests/ddp_step_worker.py OUT.safetensors
-    accelerate launch --multi_gpu --num_processes 2 tests/ddp_step_worker.py OUT.safetensors
+    python tests/helpers/ddp_step_worker.py OUT.safetensors
+    accelerate launch --multi_gpu --num_processes 2 tests/helpers/ddp_step_worker.py OUT.safetensors
 """
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this tree's carbrand and tests.helpers
 
 import torch
 from accelerate import Accelerator
@@ -24,9 +24,10 @@ from carbrand.config import OptimConfig
 from carbrand.model import build_model
 from carbrand.optimization import build_optimizer
 from carbrand.train import train_step
+from tests.helpers.paths import SHARED_DATA
 
 GLOBAL_BATCH = 8
-CARS5 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cars5" / "train"
+CARS5 = SHARED_DATA / "cars5" / "train"
 
 
 def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:

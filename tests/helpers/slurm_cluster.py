@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.helpers.ports import consecutive_free_ports, free_port, port_in_use
+
 NODES = ("n1", "n2")
 CPUS_PER_NODE = 4  # claimed, not real: SlurmdParameters=config_overrides lets a 2-core host run 2 x 4
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
@@ -44,26 +46,6 @@ def program(name: str) -> str | None:
 
 def missing_programs() -> list[str]:
     return [name for name in PROGRAMS if program(name) is None]
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports nobody listens on now (the kernel's choice, so parallel runs do not collide)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def slurm_conf(workdir: Path, controller_port: int, node_ports: list[int], munge_socket: Path) -> str:
@@ -124,7 +106,7 @@ class SlurmCluster:
         if not MUNGE_KEY.is_file():
             raise ClusterError(f"SLURM test cluster: {MUNGE_KEY} missing (the munge package creates it; or run mungekey)")
         workdir = Path(workdir).resolve()
-        controller_port = free_ports(1)[0]
+        controller_port = free_port()
         if port_in_use(controller_port):
             raise ClusterError(f"SLURM test cluster: controller port {controller_port} is busy (a stale slurmctld?)")
         node_ports = consecutive_free_ports(len(NODES))
@@ -245,13 +227,3 @@ class SlurmCluster:
                 process.kill()
                 process.wait()
         shutil.rmtree(self.munge_dir, ignore_errors=True)
-
-
-def consecutive_free_ports(count: int, attempts: int = 50) -> list[int]:
-    """slurm.conf gives several nodes a port range, so the ports must follow each other."""
-    for _ in range(attempts):
-        first = free_ports(1)[0]
-        ports = list(range(first, first + count))
-        if ports[-1] < 65536 and not any(port_in_use(port) for port in ports):
-            return ports
-    raise ClusterError(f"SLURM test cluster: no {count} consecutive free ports found")

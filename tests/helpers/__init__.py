@@ -1,0 +1,1 @@
+"""Shared by several test files: paths, ports, real process runs, test images, and scripts tests start."""
