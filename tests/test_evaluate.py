@@ -241,6 +241,23 @@ def test_raw_split_tree_gives_the_prepared_results(cars5_runs, fitted_export, ca
     assert metrics["accuracy"] == reference["accuracy"]
 
 
+def test_an_image_over_the_pixel_limit_is_refused_in_one_line(fitted_export, cars5_dir, tmp_path, capsys, monkeypatch):
+    from tests.helpers.image_factory import write_jpeg
+
+    # Lowered: cars5's largest photo has 262,094 pixels; the generated image has one column too many.
+    monkeypatch.setattr("carbrand.data.preprocessing.MAX_PIXELS", 600 * 500)  # the one constant
+    raw = copy_photos(cars5_dir, tmp_path / "raw", {b: ("test", b, 3) for b in ("bmw", "mercedes")})
+    huge = write_jpeg(raw / "bmw" / "huge.jpg", seed=1, size=(601, 500))
+    out = tmp_path / "out"
+    # torchvision with a worker process: the refusal crosses the DataLoader and still arrives as one line
+    code = evaluate_in_process("--checkpoint", fitted_export, "--data", raw, "--out", out, "--loader", "torchvision",
+                               "--workers", "1", "--batch-size", "4")
+    error = capsys.readouterr().err.strip()
+    assert code == 1 and error == (f"carbrand evaluate: error: {huge.resolve()}: 601x500 = 300500 pixels is over the "
+                                   f"limit of 300000 pixels"), error
+    assert not out.exists()
+
+
 def write_export(directory: Path, *, classes: list[str], arch_in_config: str = "resnet18", weights_arch: str = "resnet18",
                  weights_classes: int | None = None) -> Path:
     model = build_model(weights_arch, weights_classes or len(classes))
