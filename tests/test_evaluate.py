@@ -229,6 +229,28 @@ def test_unknown_brand_is_an_error_or_reported_apart(fitted_export, cars5_dir, t
     assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run was written"
 
 
+def test_two_processes_verify_a_raw_folder_once_and_count_every_image_once(fitted_export, cars5_dir, tmp_path):
+    """The main process prepares the raw folder; the other receives the list (no shared /tmp needed).
+
+    What shows it ran once: the rejected file is reported once, not once per process.
+    """
+    raw = copy_photos(cars5_dir, tmp_path / "raw", {b: ("test", b, 5) for b in ("audi", "bmw", "ferrari")})
+    (raw / "bmw" / "notes.jpg").write_text("not a photo\n")  # rejected by prepare's rules
+    command = launch_command(2, EVALUATE) + ["--checkpoint", fitted_export, "--data", raw, "--out", tmp_path / "out",
+                                             "--batch-size", "4"]
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=300,
+                            env=subprocess_environment(), cwd=tmp_path)
+    assert_ok(result)
+    assert result.stderr.count("rejected, e.g. bmw/notes.jpg: not an image") == 1, result.stderr
+    metrics, rows = read_outputs(tmp_path / "out")
+    assert metrics["world_size"] == 2 and metrics["data_kind"] == "raw flat image folder"
+    assert metrics["split_samples"] == metrics["samples"] == 15
+    assert sorted(int(r["index"]) for r in rows) == list(range(15))
+    assert sorted(Path(r["path"]).relative_to(raw.resolve()).as_posix() for r in rows) == sorted(
+        p.relative_to(raw).as_posix() for p in raw.glob("*/*.jpg") if p.name != "notes.jpg")
+    check_against_sklearn(metrics, rows, CARS5)
+
+
 def test_raw_split_tree_gives_the_prepared_results(cars5_runs, fitted_export, cars5_dir, tmp_path):
     # cars5 itself is root/train|test/<brand>: verified on the fly, its own test folder is the split.
     assert evaluate_in_process("--checkpoint", fitted_export, "--data", cars5_dir, "--split", "test",
