@@ -6,7 +6,8 @@
     python -m carbrand.evaluate --checkpoint runs/cars/best --data photos/   # raw root/<brand>/*.jpg: all of it is the split
     carbrand evaluate --checkpoint runs/cars/best --data prepared/cars --split val --tta-flip
 
-Each process predicts its shard (samples rank, rank + world_size, ...); the main process
+The main process opens the data (a raw folder is verified there, once) and sends the list of
+images to the others. Each process predicts its shard (samples rank, rank + world_size, ...); the main process
 gathers one small record per image, checks that every image was counted exactly once,
 and writes OUT (default: next to the checkpoint, RUN/eval_<split> for RUN/best and
 RUN/.../eval_<name>_<split> for any other export): metrics.json, per_class.csv,
