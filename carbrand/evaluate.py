@@ -6,7 +6,8 @@
     python -m carbrand.evaluate --checkpoint runs/cars/best --data photos/   # raw root/<brand>/*.jpg: all of it is the split
     carbrand evaluate --checkpoint runs/cars/best --data prepared/cars --split val --tta-flip
 
-Each process predicts its shard (samples rank, rank + world_size, ...); the main process
+The main process opens the data (a raw folder is verified there, once) and sends the list of
+images to the others. Each process predicts its shard (samples rank, rank + world_size, ...); the main process
 gathers one small record per image, checks that every image was counted exactly once,
 and writes OUT (default: next to the checkpoint, RUN/eval_<split> for RUN/best and
 RUN/.../eval_<name>_<split> for any other export): metrics.json, per_class.csv,
@@ -39,7 +40,7 @@ import time
 import torch
 
 from carbrand.checkpoint import load_export_model
-from carbrand.errors import DataError, UsageError
+from carbrand.errors import CarbrandError, DataError, UsageError, first_line
 from carbrand.inference import PRECISIONS, place_model, predict_batches, resolve_precision
 from carbrand.precision import input_dtype
 
@@ -152,10 +153,11 @@ def run(args: argparse.Namespace) -> int:
 
     from carbrand.data.loaders import build_eval_loader, resolve_backend
 
-    scratch = Path(tempfile.mkdtemp(prefix="carbrand-eval-data-"))
+    # cpu=True is what makes Accelerate form a gloo group under torchrun on a machine without GPUs
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     loader = tracker = None
     try:
-        data_classes, samples, data_kind = open_split(args.data, args.split, args.workers, scratch)
+        data_classes, samples, data_kind = open_split_on_main(accelerator, args.data, args.split, args.workers)
         targets = match_brands(data_classes, export.classes, samples, args.unknown_brands)
         if all(target < 0 for target in targets):
             raise DataError(f"none of the {len(samples)} images in split '{args.split}' is of a brand the model knows")
@@ -164,8 +166,6 @@ def run(args: argparse.Namespace) -> int:
         overrides = {key: value for key, value in (("batch_size", args.batch_size), ("workers", args.workers),
                                                     ("loader", args.loader), ("decode", args.decode)) if value is not None}
         data_config = dataclasses.replace(export.config.data, manifest=str(args.data), **overrides)
-        # cpu=True is what makes Accelerate form a gloo group under torchrun on a machine without GPUs
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
         device = accelerator.device
         backend = resolve_backend(data_config, device)  # once: one notice, one answer
         precision = resolve_precision(args.precision, export.config.train.precision, device)
@@ -192,8 +192,35 @@ def run(args: argparse.Namespace) -> int:
             loader.close()
         if tracker is not None:
             tracker.finish()
-        shutil.rmtree(scratch, ignore_errors=True)
     return 0
+
+
+def open_split_on_main(accelerator, data: Path, split: str, workers: int | None):
+    """open_split on the main process only; the others receive its (classes, samples, kind), or its error.
+
+    A raw folder is verified once, not once per process, and no process needs the main process's
+    scratch folder (possibly on another node's /tmp): the samples name the images under `data`,
+    which every process reads.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    outcome = [None]
+    if accelerator.is_main_process:
+        scratch = Path(tempfile.mkdtemp(prefix="carbrand-eval-data-"))
+        try:
+            outcome[0] = open_split(data, split, workers, scratch)
+        except Exception as error:
+            # The others wait in the broadcast: tell them, so that every process stops with the same line.
+            failure = error if isinstance(error, CarbrandError) else CarbrandError(
+                f"the main process could not open {data} ({type(error).__name__}: {first_line(error)})")
+            broadcast_object_list([failure])
+            raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    broadcast_object_list(outcome)
+    if isinstance(outcome[0], CarbrandError):
+        raise outcome[0]
+    return outcome[0]
 
 
 def report_results(args, export, samples, targets: list[int], gathered: list, out: Path, top_k: int, started: float,

@@ -1,15 +1,19 @@
 """The classifier: a torchvision ResNet with its ImageNet head replaced by one for the brands.
 
 Weights come the way users already have them: `imagenet` through torchvision's weights
-mechanism (the file in `$TORCH_HOME/hub/checkpoints`, downloaded once when online), a
-local state-dict file (safetensors, or a torch file read with `weights_only=True`), or
-`none` for random initialisation.
+mechanism (the file in `$TORCH_HOME/hub/checkpoints`; when missing, downloaded once per node by
+its first process while the others wait, and kept only if its sha256 matches the prefix in
+torchvision's file name), a local state-dict file (safetensors, or a torch file read with
+`weights_only=True`), or `none` for random initialisation.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,17 +47,78 @@ def imagenet_weights_path(arch: str) -> tuple[Path, str]:
 
 
 def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights for `arch`, fetched into the cache once per node when missing."""
     path, url = imagenet_weights_path(arch)
-    if not path.is_file():
-        try:
-            torch.hub.download_url_to_file(url, str(path), progress=False)
-        except Exception as error:  # offline, proxy, disk: all mean the same thing to the user
-            raise CarbrandError(
-                f"ImageNet weights for {arch} are not in the torchvision cache and could not be downloaded "
-                f"({type(error).__name__}): download {url} to {path} (or point TORCH_HOME at a cache holding it), "
-                f"or set model.pretrained=none or model.pretrained=PATH"
-            ) from None
+    with node_local_main_first() as downloads:
+        if downloads and not path.is_file():
+            download_verified(url, path, arch)
+    if not path.is_file():  # another process of this node: its local main could not fetch the file
+        raise missing_weights_error(arch, url, path, "the first process on this node could not download them")
     return safe_torch_load(path)
+
+
+@contextmanager
+def node_local_main_first():
+    """Yields whether this process may download: the node's local main process runs first, the others after it.
+
+    build_model runs in train.set_up after the Accelerator exists; outside a process group
+    (predict, a notebook) this process is alone and downloads itself. Every rank meets the
+    barrier even when the download fails, so the others stop with a line instead of waiting
+    for the collective timeout; all ranks take part whether or not their node has the file,
+    so nodes never disagree about the collectives.
+    """
+    from accelerate.state import PartialState, is_initialized
+
+    state = PartialState() if is_initialized() else None
+    first = state is None or state.is_local_main_process
+    if not first:
+        state.wait_for_everyone()
+    try:
+        yield first
+    finally:
+        if first and state is not None:
+            state.wait_for_everyone()
+
+
+def download_verified(url: str, path: Path, arch: str) -> None:
+    """Download `url` to a temporary file beside `path`, check torchvision's published hash, rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)  # a fresh TORCH_HOME has no hub/checkpoints yet
+    # Unique per host and process: nodes sharing one cache folder never write the same file.
+    temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
+    try:
+        try:
+            torch.hub.download_url_to_file(url, str(temporary), progress=False)
+        except Exception as error:  # offline, proxy, disk: all mean the same thing to the user
+            raise missing_weights_error(arch, url, path, type(error).__name__) from None
+        expected, digest = published_hash_prefix(url), file_sha256(temporary)
+        if expected and not digest.startswith(expected):
+            raise CarbrandError(f"refused the download of {url}: its sha256 is {digest}, but torchvision publishes "
+                                f"{expected}...; nothing was kept in {path.parent}")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def missing_weights_error(arch: str, url: str, path: Path, reason: str) -> CarbrandError:
+    return CarbrandError(
+        f"ImageNet weights for {arch} are not in the torchvision cache and could not be downloaded "
+        f"({reason}): download {url} to {path} (or point TORCH_HOME at a cache holding it), "
+        f"or set model.pretrained=none or model.pretrained=PATH"
+    )
+
+
+def published_hash_prefix(url: str) -> str:
+    """The sha256 prefix torchvision puts in its file names (resnet50-11ad3fa6.pth), as torch.hub's check_hash reads it."""
+    match = torch.hub.HASH_REGEX.search(os.path.basename(url))
+    return match.group(1) if match else ""  # every torchvision ImageNet file name carries one
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def safe_torch_load(path: Path):

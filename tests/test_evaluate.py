@@ -229,6 +229,28 @@ def test_unknown_brand_is_an_error_or_reported_apart(fitted_export, cars5_dir, t
     assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run was written"
 
 
+def test_two_processes_verify_a_raw_folder_once_and_count_every_image_once(fitted_export, cars5_dir, tmp_path):
+    """The main process prepares the raw folder; the other receives the list (no shared /tmp needed).
+
+    What shows it ran once: the rejected file is reported once, not once per process.
+    """
+    raw = copy_photos(cars5_dir, tmp_path / "raw", {b: ("test", b, 5) for b in ("audi", "bmw", "ferrari")})
+    (raw / "bmw" / "notes.jpg").write_text("not a photo\n")  # rejected by prepare's rules
+    command = launch_command(2, EVALUATE) + ["--checkpoint", fitted_export, "--data", raw, "--out", tmp_path / "out",
+                                             "--batch-size", "4"]
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=300,
+                            env=subprocess_environment(), cwd=tmp_path)
+    assert_ok(result)
+    assert result.stderr.count("rejected, e.g. bmw/notes.jpg: not an image") == 1, result.stderr
+    metrics, rows = read_outputs(tmp_path / "out")
+    assert metrics["world_size"] == 2 and metrics["data_kind"] == "raw flat image folder"
+    assert metrics["split_samples"] == metrics["samples"] == 15
+    assert sorted(int(r["index"]) for r in rows) == list(range(15))
+    assert sorted(Path(r["path"]).relative_to(raw.resolve()).as_posix() for r in rows) == sorted(
+        p.relative_to(raw).as_posix() for p in raw.glob("*/*.jpg") if p.name != "notes.jpg")
+    check_against_sklearn(metrics, rows, CARS5)
+
+
 def test_raw_split_tree_gives_the_prepared_results(cars5_runs, fitted_export, cars5_dir, tmp_path):
     # cars5 itself is root/train|test/<brand>: verified on the fly, its own test folder is the split.
     assert evaluate_in_process("--checkpoint", fitted_export, "--data", cars5_dir, "--split", "test",
@@ -239,6 +261,23 @@ def test_raw_split_tree_gives_the_prepared_results(cars5_runs, fitted_export, ca
     assert [r["path"] for r in rows] == [r["path"] for r in reference_rows]
     assert metrics["confusion_matrix"]["counts"] == reference["confusion_matrix"]["counts"]
     assert metrics["accuracy"] == reference["accuracy"]
+
+
+def test_an_image_over_the_pixel_limit_is_refused_in_one_line(fitted_export, cars5_dir, tmp_path, capsys, monkeypatch):
+    from tests.helpers.image_factory import write_jpeg
+
+    # Lowered: cars5's largest photo has 262,094 pixels; the generated image has one column too many.
+    monkeypatch.setattr("carbrand.data.preprocessing.MAX_PIXELS", 600 * 500)  # the one constant
+    raw = copy_photos(cars5_dir, tmp_path / "raw", {b: ("test", b, 3) for b in ("bmw", "mercedes")})
+    huge = write_jpeg(raw / "bmw" / "huge.jpg", seed=1, size=(601, 500))
+    out = tmp_path / "out"
+    # torchvision with a worker process: the refusal crosses the DataLoader and still arrives as one line
+    code = evaluate_in_process("--checkpoint", fitted_export, "--data", raw, "--out", out, "--loader", "torchvision",
+                               "--workers", "1", "--batch-size", "4")
+    error = capsys.readouterr().err.strip()
+    assert code == 1 and error == (f"carbrand evaluate: error: {huge.resolve()}: 601x500 = 300500 pixels is over the "
+                                   f"limit of 300000 pixels"), error
+    assert not out.exists()
 
 
 def write_export(directory: Path, *, classes: list[str], arch_in_config: str = "resnet18", weights_arch: str = "resnet18",

@@ -257,6 +257,22 @@ def test_dali_reads_file_names_with_awkward_characters(cars5, tmp_path):
     assert len(epoch_labels(train_loader(config("dali", batch_size=2), awkward))) == 2
 
 
+@pytest.mark.parametrize("kind", ["eval", "train"])
+def test_dali_loaders_refuse_an_image_over_the_pixel_limit_when_built(kind, cars5, tmp_path, monkeypatch):
+    """DALI decodes any size: the headers of the loader's files are checked before a pipeline exists."""
+    from tests.helpers.image_factory import write_jpeg
+
+    # Lowered: cars5's largest photo has 262,094 pixels; the generated image has one column too many.
+    monkeypatch.setattr("carbrand.data.preprocessing.MAX_PIXELS", 600 * 500)  # the one constant
+    huge = write_jpeg(tmp_path / "huge.jpg", seed=1, size=(601, 500))
+    samples = read_split(cars5 / "test")[:8] + [Sample(path=huge, label=0, brand="audi")]
+    build = eval_loader if kind == "eval" else train_loader
+    with pytest.raises(DataError) as error:
+        build(config("dali"), samples)
+    assert str(error.value) == f"{huge}: 601x500 = 300500 pixels is over the limit of 300000 pixels"
+    build(config("dali"), samples[:-1]).close()  # the real photos alone are fine
+
+
 def test_resolve_backend_choices_and_errors(monkeypatch):
     assert resolve_backend(DataConfig(loader="auto", decode="auto"), CPU) == ("dali", "cpu")
     assert resolve_backend(DataConfig(loader="dali", decode="auto"), torch.device("cuda", 0)) == ("dali", "gpu")

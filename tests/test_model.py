@@ -1,14 +1,29 @@
-"""Model weights: torchvision cache, local files, clear errors, and no code run while loading."""
+"""Model weights: torchvision cache, local files, clear errors, and no code run while loading.
 
+ImageNet downloads are checked against a real HTTP server on 127.0.0.1 (never another address)
+that serves a resnet18 state dict under a torchvision-style name carrying its sha256 prefix.
+"""
+
+import hashlib
 import pickle
+import subprocess
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+import torchvision
+from safetensors.torch import load_file, save_file
 
 from carbrand.checkpoint import load_training_checkpoint
 from carbrand.errors import CarbrandError
 from carbrand.model import build_model, imagenet_weights_path
+from tests.helpers.paths import HELPERS, REPO
+from tests.helpers.subprocesses import assert_ok, subprocess_environment
+from tests.helpers.training_runs import train_command
 
 
 class Payload:
@@ -81,3 +96,93 @@ def test_pickle_payload_is_refused_and_never_executed(tmp_path):
     with pytest.raises(CarbrandError, match="cannot be loaded safely"):
         load_training_checkpoint(checkpoint)
     assert not marker.exists()
+
+
+@dataclass
+class WeightsServer:
+    folder: Path  # what the server serves
+    base_url: str  # http://127.0.0.1:PORT/
+    requests: Counter  # GET requests per file name
+
+    def publish(self, state: dict[str, torch.Tensor], named_hash: str | None = None) -> tuple[str, dict]:
+        """Serve `state` as resnet18-<hash>.pth, the hash being its own sha256 prefix unless `named_hash` lies."""
+        staging = self.folder / "staging.pth"
+        torch.save(state, staging)
+        name = f"resnet18-{named_hash or hashlib.sha256(staging.read_bytes()).hexdigest()[:8]}.pth"
+        staging.rename(self.folder / name)
+        return self.base_url + name, state
+
+
+@pytest.fixture
+def weights_server(tmp_path):
+    folder, requests = tmp_path / "served", Counter()
+    folder.mkdir()
+
+    class Handler(SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def do_GET(self):
+            requests[self.path.lstrip("/")] += 1
+            super().do_GET()
+
+        def log_message(self, *args):  # quiet: the counts are what the tests read
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield WeightsServer(folder, f"http://127.0.0.1:{server.server_address[1]}/", requests)
+    server.shutdown()
+    server.server_close()
+
+
+def random_resnet18_state(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return torchvision.models.resnet18(weights=None).state_dict()
+
+
+def local_only_environment(torch_home: Path) -> dict[str, str]:
+    """An empty TORCH_HOME; no proxy, so 127.0.0.1 is reached directly."""
+    env = subprocess_environment()
+    for proxy in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        env.pop(proxy, None)
+    env.update(TORCH_HOME=str(torch_home), no_proxy="127.0.0.1", NO_PROXY="127.0.0.1")
+    return env
+
+
+@pytest.mark.slow
+def test_two_processes_on_an_empty_cache_download_imagenet_weights_once(weights_server, prepared_cars5, tmp_path):
+    """A fresh machine: TORCH_HOME does not exist yet; 2 ranks over gloo; the file is fetched once and used."""
+    url, served = weights_server.publish(random_resnet18_state(seed=7))
+    torch_home, run_dir = tmp_path / "torch_home", tmp_path / "run"
+    env = local_only_environment(torch_home) | {"CARBRAND_TEST_WEIGHTS_URL": f"resnet18={url}"}
+    # The backbone is frozen for the one step trained (learning rate 0): its parameters stay the served ones.
+    command = train_command(prepared_cars5, run_dir, "data.loader=torchvision", "model.pretrained=imagenet",
+                            "model.freeze_backbone_epochs=1", "train.max_steps=1", num_processes=2)
+    command[command.index(str(REPO / "carbrand" / "train.py"))] = str(HELPERS / "mirrored_weights_train.py")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert_ok(result)
+    name = url.rsplit("/", 1)[1]
+    assert weights_server.requests == Counter({name: 1}), weights_server.requests
+    cache = torch_home / "hub" / "checkpoints"
+    assert [p.name for p in cache.iterdir()] == [name], "exactly the file, no temporary left"
+    exported = load_file(str(run_dir / "best" / "model.safetensors"))
+    parameters = {name for name, _ in torchvision.models.resnet18().named_parameters() if not name.startswith("fc.")}
+    assert parameters and all(torch.equal(exported[key], served[key]) for key in parameters)
+
+
+def test_a_download_with_the_wrong_hash_is_refused_and_nothing_is_kept(weights_server, tmp_path, monkeypatch):
+    url, _ = weights_server.publish(random_resnet18_state(seed=8), named_hash="0123abcd")  # the name lies
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for proxy in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setattr(torchvision.models.get_model_weights("resnet18").DEFAULT.value, "url", url)
+    with pytest.raises(CarbrandError) as error:
+        build_model("resnet18", 5, pretrained="imagenet")
+    message = str(error.value)
+    actual = hashlib.sha256((weights_server.folder / url.rsplit("/", 1)[1]).read_bytes()).hexdigest()
+    assert "\n" not in message and url in message and "0123abcd" in message and actual in message, message
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    assert list(cache.iterdir()) == [], "the refused download left a file in the cache"

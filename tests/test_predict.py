@@ -103,6 +103,22 @@ def test_all_good_files_exit_zero(export, photos, capsys):
     assert json.loads(out)["errors"] == []
 
 
+# A lowered pixel limit: cars5's largest photo has 262,094 pixels; the generated image has one column too many.
+LOWERED_LIMIT = 600 * 500
+
+
+def test_an_image_over_the_pixel_limit_is_refused_and_the_others_predicted(export, photos, tmp_path, capsys, monkeypatch):
+    from tests.helpers.image_factory import write_jpeg
+
+    monkeypatch.setattr("carbrand.data.preprocessing.MAX_PIXELS", LOWERED_LIMIT)  # the one constant
+    huge = write_jpeg(tmp_path / "huge.jpg", seed=1, size=(601, 500))
+    code, out, err = predict_main("--checkpoint", export, photos["single"], huge, capsys=capsys)
+    assert code == 1
+    assert [line.rpartition(": ")[0] for line in out.strip().splitlines()] == [str(photos["single"])]
+    assert err.strip() == (f"carbrand predict: error: {huge}: 601x500 = 300500 pixels is over the limit of "
+                           f"{LOWERED_LIMIT} pixels"), err
+
+
 def test_python_api(export, photos):
     from carbrand.predict import Predictor
 

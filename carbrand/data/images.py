@@ -2,20 +2,34 @@
 
     load_rgb(path)        decode a file, EXIF orientation applied (as DALI's adjust_orientation does), RGB
     upright_rgb(image)    the same for a PIL image already open or in memory
+    check_pixel_limits(paths)  header-only size check of many files (what DALI decodes)
     Normalizer            uint8 NHWC batch -> ImageNet-normalised NCHW on the device (channels_last if asked)
 
 The torchvision loaders, the predictor and prepare's verification decode through these;
 DALI normalises inside its graph with the same constants (preprocessing.py), so a model
 trained through DALI sees the same numbers when `carbrand predict` feeds it one photo.
+
+preprocessing.MAX_PIXELS is the one pixel limit: prepare rejects larger images, and load_rgb
+and the DALI loaders refuse them from the header, before anything is decoded (Pillow itself
+only refuses above about 179 MP, DALI never).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from carbrand.data import preprocessing
 from carbrand.data.preprocessing import IMAGENET_MEAN_255, IMAGENET_STD_255
+from carbrand.errors import DataError, first_line
+
+# Header reads wait on the file system (a network one on clusters) far more than on Python.
+HEADER_THREADS = 8
 
 
 def upright_rgb(image: Image.Image) -> Image.Image:
@@ -24,10 +38,49 @@ def upright_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_rgb(path) -> Image.Image:
-    """Fully decode `path` (a truncated file fails here, not half-grey later) as upright RGB."""
-    with Image.open(path) as image:
+    """Fully decode `path` (a truncated file fails here, not half-grey later) as upright RGB.
+
+    An image over the pixel limit is a DataError naming the file, raised from the header before decoding.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit, lower, is checked instead
+        image = open_within_pixel_limit(path)
+    with image:
         image.load()
         return upright_rgb(image)
+
+
+def open_within_pixel_limit(path) -> Image.Image:
+    """Image.open (which parses only the header), refusing more than preprocessing.MAX_PIXELS pixels."""
+    limit = preprocessing.MAX_PIXELS  # read at each call: one constant, wherever it is set
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as error:  # Pillow's own hard limit, far above ours
+        raise DataError(f"{path}: {first_line(error)} (the limit is {limit} pixels)") from None
+    width, height = image.size
+    if width * height > limit:
+        image.close()
+        raise DataError(f"{path}: {width}x{height} = {width * height} pixels is over the limit of {limit} pixels")
+    return image
+
+
+def check_pixel_limits(paths: Sequence[str]) -> None:
+    """Read each file's header (threads, no decoding); the first file over the pixel limit or unreadable is a DataError.
+
+    For loaders that decode outside Python (DALI): about 50 ms per 1,000 cars5 photos on a warm cache.
+    """
+    with warnings.catch_warnings():  # set here, for the pool's threads: the filter list is per process
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with ThreadPoolExecutor(max_workers=HEADER_THREADS) as pool:
+            for _ in pool.map(_check_header, paths):
+                pass
+
+
+def _check_header(path: str) -> None:
+    try:
+        open_within_pixel_limit(path).close()
+    except (OSError, UnidentifiedImageError) as error:
+        raise DataError(f"{path}: cannot read the image header ({type(error).__name__}: {first_line(error)})") from None
 
 
 def hwc_tensor(image: Image.Image) -> torch.Tensor:

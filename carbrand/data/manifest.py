@@ -5,7 +5,8 @@
     manifest.json                source, root, seed, fractions, counts, rejections, duplicates
 
 Reading validates everything a loader would otherwise trip over hours later: the
-format version, labels that match classes.json, and paths that stay inside the root.
+format version, labels that match classes.json, and paths that stay inside the root,
+where they really lead (symlinks followed), not only as written.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class PreparedDataset:
 
 
 def safe_relative_path(root: Path, relative: str, where: str) -> Path:
-    """Resolve `relative` under `root`, refusing absolute paths and `..` escapes."""
+    """Resolve `relative` under `root`, refusing absolute paths and `..` escapes (as written; RootGuard follows symlinks)."""
     if not relative:
         raise DataError(f"{where}: empty image path")
     if os.path.isabs(relative) or Path(relative).is_absolute():
@@ -53,6 +54,50 @@ def safe_relative_path(root: Path, relative: str, where: str) -> Path:
     if ".." in Path(relative).parts:
         raise DataError(f"{where}: image path {relative!r} escapes the dataset root")
     return root / relative
+
+
+class RootGuard:
+    """Refuses image paths that really lead outside the dataset root: a symlinked file or folder pointing elsewhere.
+
+    A symlink that stays inside the root is fine. One listing per folder tells which entries are
+    symlinks, and only those are resolved one by one: a split of a million images costs a listing
+    per brand folder, not a system call per image.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.real_root = Path(os.path.realpath(root))
+        self._folders: dict[Path, tuple[Path, frozenset[str]]] = {}  # folder -> (where it really is, its symlinks)
+
+    def check(self, path: Path, relative: str, where: str) -> None:
+        real_folder, symlinks = self._folders.get(path.parent) or self._scan(path.parent)
+        real = Path(os.path.realpath(path)) if path.name in symlinks else real_folder / path.name
+        if not real.is_relative_to(self.real_root):
+            raise DataError(f"{where}: image path {relative!r} leads to {real}, outside the dataset root {self.real_root}")
+
+    def _scan(self, folder: Path) -> tuple[Path, frozenset[str]]:
+        try:
+            with os.scandir(folder) as entries:
+                symlinks = frozenset(entry.name for entry in entries if entry.is_symlink())
+        except OSError:  # a missing folder: its images fail where they are read, as a missing file does
+            symlinks = frozenset()
+        self._folders[folder] = scanned = (Path(os.path.realpath(folder)), symlinks)
+        return scanned
+
+
+def dataset_root(directory: Path, info: dict[str, Any]) -> Path:
+    """manifest.json's root: absolute (what prepare writes) or relative to the manifest's folder and inside it."""
+    manifest_path, value = directory / "manifest.json", info.get("root", "")
+    if not isinstance(value, str):
+        raise DataError(f"{manifest_path}: 'root' must be a folder path; got {value!r}")
+    root = Path(value)
+    if not root.is_absolute():
+        root = (directory / root).resolve()
+        if not root.is_relative_to(directory.resolve()):
+            raise DataError(f"{manifest_path}: relative root {value!r} leads to {root}, outside the dataset folder {directory}")
+    if not root.is_dir():
+        raise DataError(f"{manifest_path}: root {root} is not a folder (were the images moved? run `carbrand prepare` again)")
+    return root
 
 
 def load_prepared(directory: str | Path) -> PreparedDataset:
@@ -74,9 +119,7 @@ def load_prepared(directory: str | Path) -> PreparedDataset:
             f"{manifest_path} has format_version {version!r}; this carbrand reads {FORMAT_VERSION}: "
             f"run `carbrand prepare` again on the source"
         )
-    root = Path(info.get("root", ""))
-    if not root.is_absolute():
-        root = (directory / root).resolve()
+    root = dataset_root(directory, info)
     classes = _read_classes(directory / "classes.json")
     splits = {name: _read_split(directory / f"{name}.csv", root, classes) for name in SPLITS if (directory / f"{name}.csv").is_file()}
     if not splits.get("train") and not splits.get("test"):
@@ -99,7 +142,7 @@ def _read_classes(path: Path) -> list[str]:
 
 
 def _read_split(path: Path, root: Path, classes: list[str]) -> list[Sample]:
-    samples = []
+    samples, guard = [], RootGuard(root)
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or not {"path", "label", "brand"} <= set(reader.fieldnames):
@@ -114,5 +157,7 @@ def _read_split(path: Path, root: Path, classes: list[str]) -> list[Sample]:
                 raise DataError(f"{where}: label {label} is outside 0..{len(classes) - 1}")
             if row["brand"] != classes[label]:
                 raise DataError(f"{where}: brand {row['brand']!r} does not match classes.json[{label}] = {classes[label]!r}")
-            samples.append(Sample(path=safe_relative_path(root, row["path"], where), label=label, brand=row["brand"]))
+            image = safe_relative_path(root, row["path"], where)
+            guard.check(image, row["path"], where)
+            samples.append(Sample(path=image, label=label, brand=row["brand"]))
     return samples

@@ -7,6 +7,11 @@ a single photo through PIL.
 
 from __future__ import annotations
 
+# The one pixel limit: prepare rejects larger images, and every path that reads one refuses it
+# from the header, before decoding (images.py). Below Pillow's own bomb warning (89.5 MP);
+# larger is not a car photo.
+MAX_PIXELS = 80_000_000
+
 # ImageNet statistics, because the backbone starts from ImageNet weights.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -26,6 +26,7 @@ from carbrand.data.manifest import Sample
 from carbrand.data.images import Normalizer, hwc_tensor, load_rgb
 from carbrand.data.loader_base import EvalLoader, TrainLoader
 from carbrand.data.preprocessing import TRAIN_ASPECT_RATIO, TRAIN_CROP_ATTEMPTS, eval_crop_box
+from carbrand.errors import CarbrandError
 
 
 def random_resized_crop_box(width: int, height: int, scale_min: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -126,6 +127,19 @@ def _loader_args(data: DataConfig, device: torch.device) -> dict:
     }
 
 
+def worker_errors_in_one_line(batches: Iterator) -> Iterator:
+    """`batches`, with a CarbrandError raised in a loader worker (an image over the pixel limit) back to its own line.
+
+    DataLoader re-raises a worker's exception with the worker's whole traceback as its message;
+    the last line of that traceback is the original message.
+    """
+    try:
+        yield from batches
+    except CarbrandError as error:
+        last_line = str(error).strip().splitlines()[-1]
+        raise type(error)(last_line.removeprefix(f"{type(error).__module__}.{type(error).__qualname__}: ")) from None
+
+
 class TorchTrainLoader(TrainLoader):
     def __init__(self, data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int, seed: int,
                  device: torch.device, dtype: torch.dtype, channels_last: bool):
@@ -135,7 +149,7 @@ class TorchTrainLoader(TrainLoader):
         self._normalize = Normalizer(device, dtype, channels_last)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self._loader:
+        for images, labels in worker_errors_in_one_line(self._loader):
             yield self._normalize(images), labels.to(self._normalize.device, non_blocking=True)
 
     def close(self) -> None:
@@ -154,7 +168,7 @@ class TorchEvalLoader(EvalLoader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if not self.num_samples:
             return
-        for images, labels, indices in self._loader:
+        for images, labels, indices in worker_errors_in_one_line(self._loader):
             yield self._normalize(images), labels.to(self._normalize.device, non_blocking=True), indices
 
     def close(self) -> None:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from carbrand.data.preprocessing import MAX_PIXELS as DEFAULT_MAX_PIXELS  # the one pixel limit, shared with the loaders
+
 DEFAULT_MIN_SIDE = 64  # px; the smallest real photo in cars5 has a 113 px short side
-DEFAULT_MAX_PIXELS = 80_000_000  # below Pillow's own bomb warning (89.5 MP); larger is not a car photo
 EXIF_ORIENTATION = 0x0112
 ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # these swap width and height
 

@@ -1,4 +1,5 @@
-"""Hostile files: pickle payloads are refused and never run, YAML tags build nothing, manifest paths stay in the root.
+"""Hostile files: pickle payloads are refused and never run, YAML tags build nothing, manifest paths stay in the root
+(where they really lead: symlinks are followed).
 
 The W&B API key never reaching logs, saved configs or metrics.jsonl is checked where a key is in
 use: tests/faults/test_wandb_unreachable.py (online) and
@@ -9,6 +10,7 @@ tests/test_config.py::test_yaml_is_loaded_safely.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -134,3 +136,63 @@ def test_manifest_paths_cannot_leave_the_dataset_root(command, path, refusal, pr
     assert code == 1 and len(err.splitlines()) == 1, err
     assert f"{prepared / f'{split}.csv'}:2: " in err and refusal in err and repr(path) in err, err
     assert not (tmp_path / "out").exists()
+
+
+def plant_escape(kind: str, prepared: Path, root: Path, photo: Path) -> tuple[str, Path]:
+    """An escape of `kind` out of `root`; returns the CSV path to add (or '' for the manifest's root) and where it leads."""
+    outside = root.parent / "outside"
+    outside.mkdir()
+    shutil.copy(photo, outside / "secret.jpg")
+    (root / "audi").mkdir(parents=True)
+    if kind == "file symlink":
+        (root / "audi" / "link.jpg").symlink_to(outside / "secret.jpg")
+        return "audi/link.jpg", outside / "secret.jpg"
+    if kind == "folder symlink":
+        (root / "bmw").symlink_to(outside, target_is_directory=True)
+        return "bmw/secret.jpg", outside / "secret.jpg"
+    manifest = json.loads((prepared / "manifest.json").read_text())  # kind == "relative root": root climbs out
+    (prepared / "manifest.json").write_text(json.dumps(manifest | {"root": "../outside"}))
+    return "", outside
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+@pytest.mark.parametrize("kind", ["file symlink", "folder symlink", "relative root"])
+def test_manifest_symlinks_and_roots_cannot_leave_the_dataset_root(command, kind, prepared_cars5, export, photo,
+                                                                   tmp_path, capsys, fresh_accelerate_state):
+    """Where a path really leads counts, not how it is written: symlinks are followed before the check."""
+    prepared, root = tmp_path / "prepared", tmp_path / "root"
+    shutil.copytree(prepared_cars5, prepared)
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    (prepared / "manifest.json").write_text(json.dumps(manifest | {"root": str(root)}))
+    path, leads_to = plant_escape(kind, prepared, root, photo)
+    split = "train" if command == "train" else "test"
+    if path:
+        rows = (prepared / f"{split}.csv").read_text().splitlines()
+        (prepared / f"{split}.csv").write_text("\n".join([rows[0], f"{path},0,audi", *rows[1:]]) + "\n")
+    if command == "train":
+        arguments = ["train", "--config", CPU_RECIPE, f"data.manifest={prepared}", f"output.dir={tmp_path / 'out'}",
+                     "data.loader=torchvision"]
+    else:
+        arguments = ["evaluate", "--checkpoint", export, "--data", prepared, "--out", tmp_path / "out"]
+    code, err = run_cli(*arguments, capsys=capsys)
+    assert code == 1 and len(err.splitlines()) == 1, err
+    named = f"{prepared / f'{split}.csv'}:2: image path {path!r}" if path else f"{prepared / 'manifest.json'}: relative root"
+    assert named in err and f"leads to {leads_to}" in err and "outside the dataset" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_symlink_that_stays_inside_the_root_is_fine(prepared_cars5, photo, tmp_path):
+    """A link from one brand folder to a photo in another (deduplicated storage): inside the root, so accepted."""
+    from carbrand.data.manifest import load_prepared
+
+    prepared, root = tmp_path / "prepared", tmp_path / "root"
+    shutil.copytree(prepared_cars5, prepared)
+    (root / "audi").mkdir(parents=True)
+    shutil.copy(photo, root / "audi" / "a.jpg")
+    (root / "bmw").symlink_to(root / "audi", target_is_directory=True)
+    (root / "audi" / "b.jpg").symlink_to("a.jpg")
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    (prepared / "manifest.json").write_text(json.dumps(manifest | {"root": str(root)}))
+    (prepared / "test.csv").write_text("path,label,brand\naudi/b.jpg,0,audi\nbmw/a.jpg,1,bmw\n")
+    samples = load_prepared(prepared).split("test")
+    assert [s.path for s in samples] == [root / "audi" / "b.jpg", root / "bmw" / "a.jpg"]  # as written, not resolved
