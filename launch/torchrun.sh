@@ -15,6 +15,8 @@
 #   NPROC_PER_NODE  processes on this node (alias GPUS_PER_NODE; SLURM_GPUS_ON_NODE, else the
 #                   number of GPUs nvidia-smi lists, else 1 for a CPU-only node)
 #   RDZV_ID         the same on every node of one job (SLURM_JOB_ID.SLURM_RESTART_COUNT, else carbrand-MASTER_PORT)
+#   LOCAL_ADDR      this node's address as the other nodes reach it (under SLURM its NodeAddr; on node 0
+#                   MASTER_ADDR; elsewhere the address this node reaches MASTER_ADDR from)
 # Exit code: 143 when the workers stopped on a signal after saving a checkpoint, so a batch script can requeue.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -38,6 +40,26 @@ else
     rdzv_id=${RDZV_ID:-carbrand-${master_port}}
 fi
 
+local_address() {  # this node's address as the other nodes reach it, for torchrun's --local-addr
+    local node_line
+    if [[ -n ${LOCAL_ADDR:-} ]]; then
+        echo "$LOCAL_ADDR"
+    elif [[ -n ${SLURMD_NODENAME:-} ]] && node_line=$(scontrol -o show node "$SLURMD_NODENAME" 2>/dev/null); then
+        node_line=${node_line#*NodeAddr=}  # SLURM's own address for this node: node names need not resolve
+        echo "${node_line%% *}"
+    elif (( node_rank == 0 )); then
+        echo "$master_addr"
+    else  # the source address of the route to node 0 (a UDP connect sends nothing); none: torchrun's host name
+        python3 - "$master_addr" "$master_port" <<'EOF' 2>/dev/null || true
+import socket, sys
+family, kind, _, _, address = socket.getaddrinfo(sys.argv[1], int(sys.argv[2]), type=socket.SOCK_DGRAM)[0]
+with socket.socket(family, kind) as probe:
+    probe.connect(address)
+    print(probe.getsockname()[0])
+EOF
+    fi
+}
+
 whole_number() {
     [[ $2 =~ ^[0-9]+$ ]] || { echo "launch/torchrun.sh: $1 must be a whole number, not '$2'" >&2; exit 2; }
 }
@@ -51,7 +73,14 @@ whole_number NPROC_PER_NODE "$nproc"
 
 # Node 0 serves the rendezvous store; the others only connect (on one host both would try to serve).
 is_host=$(( node_rank == 0 ? 1 : 0 ))
-echo "launch/torchrun.sh: node ${node_rank}/${nnodes}, ${nproc} process(es), rendezvous c10d at ${master_addr}:${master_port} (id ${rdzv_id})"
+# Whichever node's launcher the rendezvous makes rank 0 (it sorts them by address, so not always node 0) hands
+# its address to all workers as MASTER_ADDR; without --local-addr that is its host name, which need not resolve.
+local_addr=$(local_address)
+[[ -z $local_addr ]] || set -- --local-addr "$local_addr" "$@"
+# the CPUs this node's processes may use (SLURM binds its tasks to them): each worker inherits them
+cpus=$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/self/status 2>/dev/null || true)
+echo "launch/torchrun.sh: node ${node_rank}/${nnodes} at ${local_addr:-its host name}, ${nproc} process(es) on CPU(s) ${cpus:-?}; \
+rendezvous c10d at ${master_addr}:${master_port} (id ${rdzv_id})"
 exec python3 "$here/torchrun_forward_signals.py" \
     --nnodes "$nnodes" --nproc-per-node "$nproc" \
     --rdzv-backend c10d --rdzv-endpoint "${master_addr}:${master_port}" --rdzv-id "$rdzv_id" \

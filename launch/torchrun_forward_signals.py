@@ -2,7 +2,8 @@
 
     python launch/torchrun_forward_signals.py --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
         --rdzv-endpoint 10.0.0.1:29500 --rdzv-id job42 carbrand/train.py --config configs/stanford_cars.yaml
-    (launch/torchrun.sh builds this command from NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, NPROC_PER_NODE)
+    (launch/torchrun.sh builds this command from NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, NPROC_PER_NODE,
+    LOCAL_ADDR)
 
 Arguments are torchrun's. Why not plain torchrun: it does not forward SIGUSR1 (SLURM's
 time-limit warning) to its workers, and SIGUSR1's default action kills torchrun itself,

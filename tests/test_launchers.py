@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.helpers.paths import REPO
@@ -45,12 +46,17 @@ def test_torchrun_wrapper_two_node_ranks_form_one_job_that_stops_on_usr1_and_res
              f"output.dir={run_dir}", *QUICK, "train.epochs=1", "train.log_every=1"]
 
     def env(rank: int) -> dict:
-        # one thread each: the two "nodes" share this host's cores
+        # one thread each: the two "nodes" share this host's cores; no LOCAL_ADDR: each node finds its own
         return subprocess_environment() | {"NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
                                            "MASTER_PORT": str(port), "NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1"}
 
     nodes = start_nodes(lambda rank: train, logs, env)
     wait_for_training_step(run_dir, nodes, logs)
+    # The workers meet where the rank-0 launcher says it is: the given address, not this host's name
+    # (socket.getfqdn(), which other nodes may not resolve). Node 1 tells its address the same way.
+    addresses = {rank: worker.environ().get("MASTER_ADDR") for rank, worker in workers_by_rank(nodes).items()}
+    assert addresses == {0: "127.0.0.1", 1: "127.0.0.1"}, addresses
+    assert "launch/torchrun.sh: node 1/2 at 127.0.0.1," in (logs / "node1.log").read_text(), node_logs(logs)
     for node in nodes:  # the launchers only: each worker runs in a session of its own, out of their reach
         node.send_signal(signal.SIGUSR1)
     assert finish(nodes) == [143, 143], node_logs(logs)
@@ -72,6 +78,19 @@ def test_torchrun_wrapper_two_node_ranks_form_one_job_that_stops_on_usr1_and_res
     assert max(r["step"] for r in records) == total
     assert last_value(records, "run/ranks_agree") is True
     assert (run_dir / "best" / "model.safetensors").is_file()
+
+
+def workers_by_rank(nodes: list[subprocess.Popen]) -> dict[int, psutil.Process]:
+    """The training processes under the launchers, by their RANK (a loader's child shares its rank's environment)."""
+    workers = {}
+    for node in nodes:
+        for child in psutil.Process(node.pid).children(recursive=True):
+            try:
+                if "RANK" in child.environ():
+                    workers[int(child.environ()["RANK"])] = child
+            except psutil.Error:
+                continue  # ended while we looked
+    return workers
 
 
 def wait_for_training_step(run_dir: Path, nodes: list[subprocess.Popen], logs: Path, timeout: float = 300) -> None:

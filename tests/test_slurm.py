@@ -1,26 +1,33 @@
-"""slurm/train.sbatch and slurm/evaluate.sbatch on a real two-node SLURM cluster started on this host.
+"""slurm/train.sbatch and slurm/evaluate.sbatch on a real two-node SLURM cluster started on this host,
+and slurm/topology.sh on its own with a stand-in `scontrol`.
 
 The cluster (tests/helpers/slurm_cluster.py) is Debian's SLURM 22.05; tests/run.sh installs it. Without
-it these tests fail with the install command; CARBRAND_SKIP_SLURM=1 skips them on purpose.
+it the cluster tests fail with the install command; CARBRAND_SKIP_SLURM=1 skips them on purpose.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
+import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.helpers.paths import REPO
-from tests.helpers.ports import free_port
 from tests.helpers.slurm_cluster import SlurmCluster
 from tests.helpers.subprocesses import assert_ok, subprocess_environment
 from tests.helpers.training_runs import CPU_RECIPE, QUICK, last_value, read_metrics
 
-pytestmark = pytest.mark.slow
+# A MASTER_ADDR left in the submit shell by a run by hand (a documentation address, never contacted):
+# sbatch exports it to the job, which must meet at its first node all the same.
+STALE_MASTER_ADDR = "203.0.113.9"
+NODE_ADDR = "127.0.0.1"  # the test cluster's NodeAddr for n1 and n2, whose names do not resolve
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +42,11 @@ def cluster(tmp_path_factory):
 
 
 def job_environment(cluster: SlurmCluster, processes_per_node: int) -> dict[str, str]:
-    """What a user's shell would hold at `sbatch` time; sbatch exports it to the job."""
-    # a free rendezvous port: both "nodes" are this host, and other test runs may be using 20000 + job id
-    return subprocess_environment() | {"SLURM_CONF": cluster.env["SLURM_CONF"],
-                                       "NPROC_PER_NODE": str(processes_per_node), "MASTER_PORT": str(free_port())}
+    """What a user's shell would hold at `sbatch` time; sbatch exports it to the job. No MASTER_PORT: the job picks one."""
+    env = subprocess_environment() | {"SLURM_CONF": cluster.env["SLURM_CONF"], "NPROC_PER_NODE": str(processes_per_node),
+                                      "MASTER_ADDR": STALE_MASTER_ADDR}
+    env.pop("MASTER_PORT", None)
+    return env
 
 
 def train_job(mode: str, prepared: Path, run_dir: Path, log: Path, *overrides: str) -> list[str]:
@@ -47,7 +55,8 @@ def train_job(mode: str, prepared: Path, run_dir: Path, log: Path, *overrides: s
             f"data.manifest={prepared}", f"output.dir={run_dir}", *QUICK, *overrides]
 
 
-def test_two_nodes_train_then_evaluate(cluster, prepared_cars5, tmp_path):
+@pytest.mark.slow
+def test_two_nodes_train_then_evaluate_two_splits_at_once(cluster, prepared_cars5, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
     env = job_environment(cluster, processes_per_node=1)
     submitted = cluster.run(train_job("--wait", prepared_cars5, run_dir, log, "train.epochs=1"),
@@ -55,24 +64,49 @@ def test_two_nodes_train_then_evaluate(cluster, prepared_cars5, tmp_path):
     text = log.read_text() if log.exists() else submitted.stderr
     assert_ok(submitted, log=text)
     assert "2 node(s) n[1-2] x 1 process(es) = world size 2" in text, text[:2000]  # the resolved topology
-    assert "rendezvous c10d at 127.0.0.1:" in text  # NodeAddr: the node names n1, n2 do not resolve
+    # the first node's NodeAddr, not the submit shell's MASTER_ADDR (n1, n2 do not resolve)
+    assert f"rendezvous c10d at {NODE_ADDR}:" in text, text[:2000]
     records = read_metrics(run_dir)
     assert last_value(records, "run/world_size") == 2
     assert last_value(records, "run/ranks_agree") is True
     assert max(r["step"] for r in records) == last_value(records, "run/total_steps")
     assert (run_dir / "best" / "model.safetensors").is_file() and (run_dir / "last").is_symlink()
 
-    out, eval_log = tmp_path / "eval", tmp_path / "evaluate.log"
-    evaluated = cluster.run(["sbatch", "--wait", "-N", "2", f"--output={eval_log}", "slurm/evaluate.sbatch",
-                             str(run_dir / "best"), str(prepared_cars5), "--split", "test", "--out", str(out)],
-                            env=env, cwd=REPO, timeout=600, check=False)
-    text = eval_log.read_text() if eval_log.exists() else evaluated.stderr
-    assert_ok(evaluated, log=text)
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["samples"] == 100  # every test image once, over 2 processes on 2 nodes
-    assert "(2 process(es)" in text
+    # Two evaluations running at once, as two users' jobs sharing a first node: each must get a port of its own
+    logs = {split: tmp_path / f"evaluate_{split}.log" for split in ("test", "val")}
+    jobs = {split: cluster.run(["sbatch", "--parsable", "-N", "2", f"--output={logs[split]}", "slurm/evaluate.sbatch",
+                                str(run_dir / "best"), str(prepared_cars5), "--split", split, "--out", str(tmp_path / split)],
+                               env=env, cwd=REPO).stdout.strip() for split in logs}
+    ends = {split: cluster.wait_for_end(job, timeout=600) for split, job in jobs.items()}
+    texts = {split: path.read_text() if path.exists() else "" for split, path in logs.items()}
+    for split, end in ends.items():
+        assert end["JobState"] == "COMPLETED", (end, texts[split][-4000:])
+        assert "(2 process(es)" in texts[split]
+    assert ends["val"]["StartTime"] < ends["test"]["EndTime"] and ends["test"]["StartTime"] < ends["val"]["EndTime"], ends
+    val_rows = len((prepared_cars5 / "val.csv").read_text().splitlines()) - 1
+    for split, samples in (("test", 100), ("val", val_rows)):  # every image once, over 2 processes on 2 nodes
+        assert json.loads((tmp_path / split / "metrics.json").read_text())["samples"] == samples
+
+    ports = {name: rendezvous_port(job_log) for name, job_log in (("train", text), *texts.items())}
+    assert ports["test"] != ports["val"], ports
+    low, high = ephemeral_ports()
+    assert not any(low <= port <= high for port in ports.values()), (ports, (low, high))
 
 
+def rendezvous_port(log: str) -> int:
+    """The port in the batch script's topology line."""
+    found = re.search(r"rendezvous c10d at [^ ]+:(\d+)", log)
+    assert found, log[:2000]
+    return int(found.group(1))
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports: any of them may be taken at any moment."""
+    low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    return int(low), int(high)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", ["warning_signal", "requeue"])
 def test_stopped_job_checkpoints_requeues_and_resumes(cluster, prepared_cars5, tmp_path, stop):
     """USR1 (what --signal=USR1@90 sends before the time limit) or an admin's requeue (SIGTERM to the whole job)."""
@@ -80,6 +114,7 @@ def test_stopped_job_checkpoints_requeues_and_resumes(cluster, prepared_cars5, t
     job = cluster.run(train_job("--parsable", prepared_cars5, run_dir, log, "train.epochs=3", "train.log_every=1"),
                       env=job_environment(cluster, processes_per_node=2), cwd=REPO).stdout.strip()
     wait_for_training(cluster, job, run_dir, log)
+    assert_workers_bound_and_addressed(run_dir, world_size=4, cpus_per_task=2)
     if stop == "warning_signal":
         cluster.run(["scancel", "--signal=USR1", job])  # to every process of the job's steps, as SLURM's warning
     else:
@@ -110,6 +145,27 @@ def test_stopped_job_checkpoints_requeues_and_resumes(cluster, prepared_cars5, t
     assert (run_dir / "best" / "model.safetensors").is_file()
 
 
+def assert_workers_bound_and_addressed(run_dir: Path, world_size: int, cpus_per_task: int) -> None:
+    """Each rank of the running job (found by its output.dir) may use the task's CPUs and meets at the NodeAddr.
+
+    Under task/affinity an srun task gets the CPUs its step asks for: without --cpus-per-task passed on, 1,
+    which all ranks of a node and their loader threads would share. The ranks' MASTER_ADDR is what the
+    rank-0 launcher published: its NodeAddr, not its host name (which a real cluster need not resolve).
+    """
+    workers = {}
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if f"output.dir={run_dir}" in (process.info["cmdline"] or []) and "RANK" in process.environ():
+                workers[int(process.environ()["RANK"])] = process  # a loader's child shares its rank's CPUs and environment
+        except psutil.Error:
+            continue  # ended while we looked, or not ours to read
+    assert sorted(workers) == list(range(world_size)), sorted(workers)
+    # as many as the host has: task/affinity folds the test nodes' claimed CPUs onto the real ones
+    expected = min(cpus_per_task, len(os.sched_getaffinity(0)))
+    seen = {rank: (f"{len(worker.cpu_affinity())} CPU(s)", worker.environ().get("MASTER_ADDR")) for rank, worker in workers.items()}
+    assert seen == {rank: (f"{expected} CPU(s)", NODE_ADDR) for rank in workers}, seen
+
+
 def wait_for_training(cluster: SlurmCluster, job: str, run_dir: Path, log: Path, timeout: float = 300) -> None:
     """Until the job has logged a training step (all ranks are in the loop, handlers installed)."""
     deadline = time.monotonic() + timeout
@@ -121,3 +177,63 @@ def wait_for_training(cluster: SlurmCluster, job: str, run_dir: Path, log: Path,
         assert state.get("JobState") in ("PENDING", "RUNNING"), (state, log.read_text()[-4000:] if log.exists() else "")
         time.sleep(0.2)
     pytest.fail(f"job {job} logged no training step in {timeout} s")
+
+
+# slurm/topology.sh alone: what the batch script resolves before any srun, in a second and without a cluster
+
+FAKE_SCONTROL = """#!/usr/bin/env bash
+# the two questions slurm/topology.sh asks, answered as for nodes n1 and n2 at 10.0.0.1 and 10.0.0.2
+case "$1 $2" in
+    "show hostnames") printf 'n1\\nn2\\n' ;;
+    "-o show") echo "NodeName=$4 Arch=x86_64 NodeAddr=10.0.0.${4#n} NodeHostName=$4 State=ALLOCATED" ;;
+    *) echo "fake scontrol: unexpected $*" >&2; exit 1 ;;
+esac
+"""
+
+
+def resolve_topology(tmp_path: Path, **variables: str) -> dict[str, str]:
+    """Source slurm/topology.sh as a 2-node job's batch script does; the variables it exports, and TOPOLOGY."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_", "MASTER_", "CARBRAND_", "OMP_", "NPROC_"))}
+    env |= {"PATH": f"{bin_dir}:{env['PATH']}", "SLURM_JOB_ID": "34567", "SLURM_JOB_NODELIST": "n[1-2]",
+            "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_ON_NODE": "8"} | variables
+    names = ("MASTER_ADDR", "MASTER_PORT", "SRUN_CPUS_PER_TASK", "OMP_NUM_THREADS", "TOPOLOGY")
+    script = "set -euo pipefail; source slurm/topology.sh; " + "; ".join(f'echo "{name}=${{{name}:-}}"' for name in names)
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return dict(line.split("=", 1) for line in result.stdout.splitlines())
+
+
+def test_topology_meets_at_the_first_nodes_address_whatever_the_submit_shell_exported(tmp_path):
+    topology = resolve_topology(tmp_path, MASTER_ADDR=STALE_MASTER_ADDR)
+    assert topology["MASTER_ADDR"] == "10.0.0.1", topology
+    assert "rendezvous c10d at 10.0.0.1:" in topology["TOPOLOGY"]
+    # an override on purpose has its own name
+    assert resolve_topology(tmp_path, CARBRAND_MASTER_ADDR="10.1.2.3")["MASTER_ADDR"] == "10.1.2.3"
+
+
+def test_topology_picks_a_free_port_outside_the_ephemeral_range_unless_given_one(tmp_path):
+    low, high = ephemeral_ports()
+    # job 34567: the old 20000 + id mod 20000 gave port 34567, in Linux's default ephemeral range 32768-60999
+    port = int(resolve_topology(tmp_path)["MASTER_PORT"])
+    assert not low <= port <= high, (port, (low, high))
+    assert int(resolve_topology(tmp_path)["MASTER_PORT"]) == port  # a requeued job (same id) looks there first
+    with socket.socket() as busy:  # another job's rendezvous on this node holds that port now
+        busy.bind(("", port))
+        busy.listen()
+        other = int(resolve_topology(tmp_path)["MASTER_PORT"])
+    assert other != port and not low <= other <= high, (port, other)
+    assert resolve_topology(tmp_path, SLURM_JOB_ID="34568")["MASTER_PORT"] != str(port)  # the next job: another port
+    assert resolve_topology(tmp_path, MASTER_PORT="29999")["MASTER_PORT"] == "29999"  # the user's choice wins
+
+
+def test_topology_passes_the_jobs_cpus_per_task_on_to_srun(tmp_path):
+    # srun (SLURM >= 22.05) no longer reads the job's --cpus-per-task; SRUN_CPUS_PER_TASK is what it reads
+    topology = resolve_topology(tmp_path, SLURM_CPUS_PER_TASK="4", NPROC_PER_NODE="2")
+    assert topology["SRUN_CPUS_PER_TASK"] == "4", topology
+    assert topology["OMP_NUM_THREADS"] == "2" and "4 CPU(s) per task" in topology["TOPOLOGY"]
+    # no --cpus-per-task: srun's own default, and a stale SRUN_CPUS_PER_TASK from the submit shell is not the job's
+    assert resolve_topology(tmp_path, SRUN_CPUS_PER_TASK="64")["SRUN_CPUS_PER_TASK"] == ""

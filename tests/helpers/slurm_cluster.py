@@ -4,8 +4,12 @@
     cluster.run(["sbatch", "--wait", ...])   # clients see it through SLURM_CONF in cluster.env
     cluster.stop()                          # cancel jobs, then stop the daemons by PID
 
-No systemd, no cgroups: processes are tracked by parentage (proctrack/linuxproc), tasks
-are not bound (task/none), and both slurmd listen on 127.0.0.1 under their own ports.
+No systemd, no cgroups: processes are tracked by parentage (proctrack/linuxproc), and both
+slurmd listen on 127.0.0.1 under their own ports. Tasks are bound to CPUs as on many sites:
+task/affinity (sched_setaffinity, no cgroup needed) with autobind=cores, so a task gets the
+CPUs its step asked for (srun --cpus-per-task, 1 unless given) and a launcher that forgets to
+pass them on shows. Job ids start at a random large number, as on a cluster that has run for
+years, and differ between clusters started side by side on one host.
 Stale daemons from an earlier run must not answer readiness checks for ours: every
 cluster gets fresh ports and its own slurm.conf and munge socket, start-up refuses a busy
 controller port, and every daemon's PID must stay alive while we wait and while tests run.
@@ -14,6 +18,7 @@ controller port, and every daemon's PID must stay alive while we wait and while 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -26,7 +31,9 @@ from pathlib import Path
 from tests.helpers.ports import consecutive_free_ports, free_port, port_in_use
 
 NODES = ("n1", "n2")
-CPUS_PER_NODE = 4  # claimed, not real: SlurmdParameters=config_overrides lets a 2-core host run 2 x 4
+# claimed, not real: SlurmdParameters=config_overrides lets a 2-core host run 2 x 4, and task/affinity
+# folds CPU numbers beyond the host's onto the real ones
+CPUS_PER_NODE = 4
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
 MUNGE_KEY = Path("/etc/munge/munge.key")
 # A job in one of these states is over; a requeued one goes back to PENDING (same job id).
@@ -46,6 +53,15 @@ def program(name: str) -> str | None:
 
 def missing_programs() -> list[str]:
     return [name for name in PROGRAMS if program(name) is None]
+
+
+def first_job_id() -> int:
+    """A 7-digit id as on a cluster that has run for years, random so that side-by-side clusters differ.
+
+    Chosen so that the old rendezvous port, 20000 + id mod 20000, would be 33000-37000: inside Linux's
+    default ephemeral range (32768-60999), where slurm/topology.sh must no longer put it.
+    """
+    return 20000 * random.randint(50, 499) + random.randint(13000, 17000)
 
 
 def slurm_conf(workdir: Path, controller_port: int, node_ports: list[int], munge_socket: Path) -> str:
@@ -70,7 +86,9 @@ SlurmdLogFile={workdir}/slurmd.%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
+TaskPluginParam=autobind=cores
+FirstJobId={first_job_id()}
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
