@@ -77,6 +77,7 @@ class TrainConfig:
     cudnn_benchmark: bool = True  # autotune convolutions for fixed input shapes
     tf32: bool = True  # TF32 matmuls/convolutions on Ampere+ in fp32 regions
     collective_timeout_s: int = 1800  # a dead rank makes the others fail after this, never hang
+    stop_deadline_s: int = 60  # after a stop signal, exit without a checkpoint if the graceful stop took this long
 
 
 @dataclass
@@ -294,5 +295,6 @@ def validate(config: Config) -> None:
     check(t.eval_every_steps >= 0, "train.eval_every_steps", "must be >= 0")
     check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0")
     check(t.collective_timeout_s >= 10, "train.collective_timeout_s", "must be >= 10 seconds")
+    check(t.stop_deadline_s >= 1, "train.stop_deadline_s", "must be >= 1 second")
     check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     check(bool(config.output.dir), "output.dir", "must name the run directory")

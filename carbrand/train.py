@@ -138,7 +138,7 @@ def train(config: Config) -> int:
     heartbeat = Heartbeat(accelerator.process_index, accelerator.num_processes)
     # Installed for the whole run: the SIGTERM a launcher sends survivors when a peer dies is then
     # only recorded, and this rank still gets to say which peer was lost.
-    stop_request = StopRequest()
+    stop_request = StopRequest(deadline_s=config.train.stop_deadline_s, run_dir=Path(config.output.dir))
     try:
         return train_with(config, accelerator, stop_request)
     except RuntimeError as error:

@@ -7,12 +7,40 @@
 # Writes OUT_DIR/gpu.txt, gpu_tests.log and bench_*.json; the figures go into
 # docs/BENCHMARKS.md with the card's name from gpu.txt.
 set -uo pipefail
+carbrand=(python3 -m carbrand.cli)  # an array, not a function: `timeout` runs programs
+steps_started=0
+
+# One step under its time limit; then nothing it started may live on (a leftover trainer holds the
+# GPU while the next step measures). At the limit `timeout` sends SIGTERM to the step's process
+# group (the bench then ends its workers) and SIGKILL 15 s later if the step is still there; after
+# the step, end_leftovers kills whatever it started that is left, found by a variable in its
+# environment, so even a process in a session of its own.
+step() {
+  local limit=$1 tag="$$-$((++steps_started))"; shift
+  echo "== $(date +%T) $*"
+  CARBRAND_GPU_CHECK_STEP=$tag timeout -k 15 "$limit" "$@"
+  local status=$?
+  end_leftovers "$tag"
+  echo "== exit $status"
+}
+end_leftovers() {
+  local pids=() environ
+  for environ in /proc/[0-9]*/environ; do
+    grep -qzx "CARBRAND_GPU_CHECK_STEP=$1" "$environ" 2>/dev/null && pids+=("${environ//[^0-9]/}")
+  done
+  if (( ${#pids[@]} )); then
+    echo "== killing ${#pids[@]} process(es) the step left behind: ${pids[*]}"
+    kill -KILL "${pids[@]}" 2>/dev/null
+  fi
+  return 0
+}
+[[ ${BASH_SOURCE[0]} == "$0" ]] || return 0  # sourced (tests/test_bench.py checks `step`): the helpers only
+
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash tests/run_gpu_checks.sh OUT_DIR}
 mkdir -p "$out"
-nvidia-smi -L | tee "$out/gpu.txt"
-carbrand=(python3 -m carbrand.cli)  # an array, not a function: `timeout` runs programs
-step() { local limit=$1; shift; echo "== $(date +%T) $*"; timeout "$limit" "$@"; echo "== exit $?"; }
+# without a GPU every step would train ResNet-50 on the CPU until its time limit, measuring nothing
+nvidia-smi -L | tee "$out/gpu.txt" || { echo "tests/run_gpu_checks.sh: no GPU here (nvidia-smi -L failed)" >&2; exit 1; }
 
 shared_data=${CARBRAND_TEST_DATA:-../shared/data}  # the real test photos, found as tests/helpers/paths.py finds them
 prepared=data/cars5/prepared  # the cars5 photos; realistic sets are re-encoded from them

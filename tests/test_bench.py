@@ -1,13 +1,20 @@
 """`carbrand bench data|train` on the real cars5 photos, tiny settings: the figures come out as
-JSON, comparisons pair the right runs, and bad requests fail with one line and exit 2."""
+JSON, comparisons pair the right runs, and bad requests fail with one line and exit 2. A stopped
+or killed bench, or a GPU-check step past its time limit, leaves no process behind."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 from PIL import Image
 from tests.helpers.paths import REPO
@@ -100,3 +107,107 @@ def test_bad_requests_fail_with_one_line(args, message, exit_code, prepared_cars
     assert done.returncode == exit_code
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "report.json").exists()
+
+
+def still_running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for process in processes:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:  # a zombie has ended; only its exit status is left
+                alive.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def wait_for_exit(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Those of `processes` still running after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while still_running(processes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return still_running(processes)
+
+
+def bench_workers(bench: subprocess.Popen) -> list[psutil.Process]:
+    workers = []
+    for child in psutil.Process(bench.pid).children():
+        try:
+            if "carbrand.bench.train_worker" in " ".join(child.cmdline()):
+                workers.append(child)
+        except psutil.Error:
+            continue
+    return workers
+
+
+def start_bench_train(prepared: Path, tmp_path: Path, measure: str) -> subprocess.Popen:
+    """A long measurement (2,000 steps; the trainer's next log step 1,000 steps away), output to files."""
+    command = [sys.executable, "-m", "carbrand.cli", "bench", "train", "--config", str(CPU_RECIPE),
+               f"data.manifest={prepared}", "data.image_size=32", "data.workers=0", "--precisions", "no",
+               "--measure", measure, "--warmup-steps", "1000", "--steps", "1000"]
+    # TMPDIR: where the bench puts its workers' throw-away run folders
+    env = subprocess_environment() | {"TMPDIR": str(tmp_path / "tmp"), "OMP_NUM_THREADS": "1"}
+    (tmp_path / "tmp").mkdir()
+    with (tmp_path / "stderr.txt").open("w") as stderr:
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=REPO)
+
+
+def wait_for_worker(bench: subprocess.Popen, tmp_path: Path, ready) -> list[psutil.Process]:
+    deadline, workers = time.monotonic() + 240, []
+    while not (workers and ready(workers)):
+        assert bench.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the bench's worker never got going"
+        workers = workers or bench_workers(bench)
+        time.sleep(0.2)
+    return workers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_number, exit_code, measure", [
+    (signal.SIGTERM, 143, "memory"),  # the trainer: takes SIGTERM as a graceful stop at its next log step
+    (signal.SIGKILL, -signal.SIGKILL, "bare"),  # a silent worker: no write to its closed pipe can end it
+], ids=["SIGTERM", "kill-9"])
+def test_stopped_or_killed_bench_train_leaves_no_worker(signal_number, exit_code, measure, prepared_cars5, tmp_path):
+    bench = start_bench_train(prepared_cars5, tmp_path, measure)
+    workers = []
+    try:
+        if measure == "memory":  # until the trainer is in its loop
+            workers = wait_for_worker(bench, tmp_path, lambda _: list(tmp_path.glob("tmp/carbrand-bench-*/metrics.jsonl")))
+        else:  # until the bare loop has run a while (imports and set-up take a few CPU seconds)
+            workers = wait_for_worker(bench, tmp_path, lambda found: sum(found[0].cpu_times()[:2]) > 8)
+        os.kill(bench.pid, signal_number)
+        code = bench.wait(timeout=60)
+        left = wait_for_exit(workers, timeout=15)
+    finally:
+        bench.kill()
+        for worker in still_running(workers):
+            worker.kill()
+    assert code == exit_code
+    assert not left, f"worker(s) {[w.pid for w in left]} outlived the bench"
+    if signal_number == signal.SIGTERM:
+        assert "carbrand bench: error: stopped by SIGTERM" in (tmp_path / "stderr.txt").read_text()
+        assert not list(tmp_path.glob("tmp/carbrand-bench-*")), "the worker's run folder must go with it"
+
+
+def test_gpu_check_step_past_its_limit_leaves_no_process(tmp_path):
+    """tests/run_gpu_checks.sh's `step`: what the step started is ended, even a process that ignores
+    SIGTERM (a trainer waiting for its log step) or sits in a session of its own."""
+    pids = tmp_path / "pids"
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    step_program = (f"import subprocess, sys, time; code = {stubborn!r}; "
+                    "a = subprocess.Popen([sys.executable, '-c', code]); "
+                    "b = subprocess.Popen([sys.executable, '-c', code], start_new_session=True); "
+                    f"open({str(pids)!r}, 'w').write(f'{{a.pid}} {{b.pid}}'); time.sleep(600)")
+    script = f"source tests/run_gpu_checks.sh && step 8 {sys.executable} -c {shlex.quote(step_program)}"
+    started = time.monotonic()
+    with (tmp_path / "output.txt").open("w") as output:  # a file: a leftover holding a pipe must not block the test
+        subprocess.run(["bash", "-c", script], stdout=output, stderr=subprocess.STDOUT, cwd=REPO, timeout=120)
+    assert time.monotonic() - started < 60, "the step must end at its limit"
+    said = (tmp_path / "output.txt").read_text()
+    assert "== exit 124" in said, said  # timeout's code: the limit was reached
+    leftovers = [psutil.Process(int(pid)) for pid in pids.read_text().split() if psutil.pid_exists(int(pid))]
+    try:
+        left = wait_for_exit(leftovers, timeout=10)
+    finally:
+        for process in still_running(leftovers):
+            process.kill()
+    assert not left, f"the step left {[p.pid for p in left]} running"

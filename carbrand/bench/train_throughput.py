@@ -11,16 +11,23 @@ and reports images/s, the share of step time spent waiting for data, peak memory
 the ratios real/memory and memory/bare, each pair measured in the same run. Variants
 are repeated `--repeats` times in interleaved order and the median is reported, so a
 noisy neighbour slows both sides of a comparison alike.
+
+No worker outlives the bench: each is ended (SIGTERM, then SIGKILL after GRACE_SECONDS) when its
+measurement returns, fails, or the bench is stopped (SIGTERM/SIGINT: exit code 128 + the signal);
+a worker also dies with the bench if the bench is killed outright (train_worker.die_with_bench).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -31,6 +38,34 @@ from carbrand.errors import CarbrandError, UsageError
 from carbrand.precision import PRECISIONS
 
 ON_OFF = {"on": True, "off": False}
+GRACE_SECONDS = 5.0  # a worker asked to stop (SIGTERM) gets this long before SIGKILL: it holds the GPU
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class BenchStopped(CarbrandError):
+    """The bench was asked to stop; raised in the main thread so that every worker is ended on the way out."""
+
+    def __init__(self, number: int):
+        super().__init__(f"stopped by {signal.Signals(number).name}; its worker processes were ended, no report written")
+        self.exit_code = 128 + number  # 143 for SIGTERM, 130 for SIGINT, as if the signal had ended it
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """SIGTERM/SIGINT raise BenchStopped once (later ones are ignored: the workers are being ended already)."""
+    stopping = []
+
+    def handle(number: int, frame) -> None:  # noqa: ARG001 - signal handler signature
+        if not stopping:
+            stopping.append(number)
+            raise BenchStopped(number)
+
+    previous = {number: signal.signal(number, handle) for number in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def parse_list(text: str, allowed: tuple[str, ...], option: str) -> list[str]:
@@ -59,14 +94,36 @@ def variants(args) -> list[dict]:
 
 
 def run_worker(spec: dict) -> dict:
-    command = [sys.executable, "-m", "carbrand.bench.train_worker", json.dumps(spec)]
+    """One measurement in a fresh process, on a throw-away run directory; neither outlives this call."""
     env = dict(os.environ, WANDB_MODE="disabled")
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if done.returncode != 0 or not lines:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    with tempfile.TemporaryDirectory(prefix="carbrand-bench-") as run_dir:
+        command = [sys.executable, "-m", "carbrand.bench.train_worker",
+                   json.dumps(spec | {"run_dir": run_dir, "bench_pid": os.getpid()})]
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as worker:
+            try:
+                stdout, stderr = worker.communicate()
+            finally:
+                end_worker(worker)  # whatever ended the wait: a result, an error, a signal to the bench
+    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if worker.returncode != 0 or not lines:
+        last = (stderr.strip().splitlines() or ["no output"])[-1]
         raise CarbrandError(f"bench train: the {spec['measure']} run ({label(spec)}) failed: {last}")
     return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def end_worker(worker: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after GRACE_SECONDS; returns once the worker is gone (a no-op if it already is)."""
+    if worker.poll() is not None:
+        return
+    worker.terminate()
+    try:
+        worker.wait(timeout=GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:  # also when a signal to the bench cut the wait short
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
 
 
 def label(spec: dict) -> str:
@@ -80,13 +137,14 @@ def run_train_benchmark(args) -> dict:
         raise UsageError("--steps, --warmup-steps and --repeats must be >= 1")
     specs = variants(args)
     samples: dict[int, list[dict]] = {i: [] for i in range(len(specs))}
-    for repeat in range(args.repeats):
-        for index, spec in enumerate(specs):
-            result = run_worker(spec)
-            samples[index].append(result)
-            print(f"carbrand bench: [{repeat + 1}/{args.repeats}] {spec['measure']:<6} {label(spec):<40} "
-                  f"{result['images_per_second']:>9.1f} img/s  data wait {result['data_wait_fraction']:.1%}",
-                  file=sys.stderr)
+    with stop_signals_raise():
+        for repeat in range(args.repeats):
+            for index, spec in enumerate(specs):
+                result = run_worker(spec)
+                samples[index].append(result)
+                print(f"carbrand bench: [{repeat + 1}/{args.repeats}] {spec['measure']:<6} {label(spec):<40} "
+                      f"{result['images_per_second']:>9.1f} img/s  data wait {result['data_wait_fraction']:.1%}",
+                      file=sys.stderr)
     results = []
     for index, spec in enumerate(specs):
         runs = samples[index]

@@ -1,22 +1,28 @@
 """One `carbrand bench train` measurement, in a process of its own.
 
-    python -m carbrand.bench.train_worker '{"mode": "product", "loader": "memory", ...}'
+    python -m carbrand.bench.train_worker '{"mode": "product", "loader": "memory", "run_dir": ..., "bench_pid": ...}'
 
 Modes: `product` runs carbrand's own trainer (`carbrand.train.train`) and reads the
 images/s it logged; `bare` runs the few lines any PyTorch user would write for the same
 model, batch, precision and layout, on the same in-memory batch. A fresh process per
 measurement: Accelerate's state, compile caches, cudnn autotuning and the peak-memory
 counters start clean, so no variant pays for, or profits from, another.
-The result is the last stdout line, prefixed with RESULT_PREFIX.
+The result is the last stdout line, prefixed with RESULT_PREFIX. The bench owns the run
+directory and ends the worker when it is done with it; the worker also dies with the bench
+(`die_with_bench`), so not even `kill -9` of the bench leaves it training, holding the GPU.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import os
 import resource
+import signal
 import sys
-import tempfile
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -44,20 +50,19 @@ def product(spec: dict) -> dict:
     """The trainer as users run it, on a throw-away run directory; images/s from its own log."""
     from carbrand.train import train
 
-    warmup, steps = spec["warmup_steps"], spec["steps"]
+    warmup, steps, run_dir = spec["warmup_steps"], spec["steps"], spec["run_dir"]
     window = math.gcd(warmup, steps)  # log windows must tile warm-up and measured steps exactly
-    with tempfile.TemporaryDirectory(prefix="carbrand-bench-") as run_dir:
-        overrides = variant_overrides(spec) + [
-            f"output.dir={run_dir}", "wandb.mode=disabled", "train.resume=never", "train.epochs=1000000",
-            f"train.max_steps={warmup + steps}", f"train.log_every={window}",
-            f"train.eval_every_steps={warmup + steps}", "train.checkpoint_every_steps=0", "train.keep_checkpoints=1"]
-        if spec["loader"] == "memory":
-            overrides.append("data.loader=memory")
-        config = load_config(spec["config"], overrides)
-        exit_code = train(config)
-        if exit_code != 0:
-            raise SystemExit(f"the trainer exited with {exit_code}")
-        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    overrides = variant_overrides(spec) + [
+        f"output.dir={run_dir}", "wandb.mode=disabled", "train.resume=never", "train.epochs=1000000",
+        f"train.max_steps={warmup + steps}", f"train.log_every={window}",
+        f"train.eval_every_steps={warmup + steps}", "train.checkpoint_every_steps=0", "train.keep_checkpoints=1"]
+    if spec["loader"] == "memory":
+        overrides.append("data.loader=memory")
+    config = load_config(spec["config"], overrides)
+    exit_code = train(config)
+    if exit_code != 0:
+        raise SystemExit(f"the trainer exited with {exit_code}")
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in records if "train/images_per_second" in r and r["step"] > warmup]
     # equal windows: the rate over all of them is the harmonic mean of the window rates
     images_per_second = len(windows) / sum(1.0 / r["train/images_per_second"] for r in windows)
@@ -112,8 +117,30 @@ def bare(spec: dict) -> dict:
             "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
 
+def die_with_bench(bench_pid: int) -> None:
+    """SIGKILL this worker as soon as the bench that started it dies, however it dies (kill -9 included).
+
+    Linux: the kernel does it (prctl PR_SET_PDEATHSIG). SIGKILL, not SIGTERM: the trainer takes
+    SIGTERM as a graceful stop at its next log step, and nobody is left to read the result.
+    Elsewhere: a thread that watches the parent process id.
+    """
+    if sys.platform == "linux":
+        PR_SET_PDEATHSIG = 1  # noqa: N806 - the kernel's name
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    else:
+        def watch() -> None:
+            while os.getppid() == bench_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="die-with-bench", daemon=True).start()
+    if os.getppid() != bench_pid:  # the bench died before the line above: nothing would send the signal
+        os._exit(1)
+
+
 def main() -> int:
     spec = json.loads(sys.argv[1])
+    die_with_bench(spec["bench_pid"])
     result = (product if spec["mode"] == "product" else bare)(spec)
     result["peak_host_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     print(RESULT_PREFIX + json.dumps(result), flush=True)
