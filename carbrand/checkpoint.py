@@ -6,8 +6,9 @@
 
 Every directory is first written under a hidden temporary name and renamed when complete,
 so a crash mid-save leaves either the old state or the new one, never a half. Weights are
-safetensors; the training state (optimizer, scheduler, scaler, counters) is a torch file
-read back with `weights_only=True`.
+safetensors; the training state (optimizer, scheduler, scaler, counters, the EMA's update
+count) is a torch file read back with `weights_only=True`. On a resume, rank 0 alone lists
+the checkpoints and every rank loads the one it picked.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 import yaml
+from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 
 from carbrand.config import Config, config_from_dict, safe_yaml_load, save_config
@@ -192,3 +194,40 @@ def find_resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
     if not path.exists():
         raise ConfigError(f"config key 'train.resume' names {path}, which does not exist")
     return path
+
+
+def agreed_resume_checkpoint(accelerator, run_dir: Path, resume: str) -> Path | None:
+    """`find_resume_checkpoint` on rank 0 only, its answer (or its error) sent to every rank.
+
+    Ranks listing the shared file system each for itself can see different newest checkpoints
+    (a stale directory cache on one node) and resume from different steps: the job splits.
+    """
+    answer: list = [None]
+    if accelerator.is_main_process:
+        try:
+            answer = [find_resume_checkpoint(run_dir, resume)]
+        except CarbrandError as error:  # raised on every rank below, so that none waits for the others
+            answer = [error]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(answer, from_process=0)
+    if isinstance(answer[0], CarbrandError):
+        raise answer[0]
+    return answer[0]
+
+
+def load_resume_checkpoint(accelerator, directory: Path) -> TrainingCheckpoint:
+    """Every rank reads the checkpoint rank 0 picked; if one cannot, all stop with one line naming it and the rank."""
+    checkpoint, problem = None, None
+    try:
+        checkpoint = load_training_checkpoint(directory)
+    except CarbrandError as error:
+        problem = str(error)
+    problems = gather_object([problem]) if accelerator.num_processes > 1 else [problem]  # one per rank
+    failed = [rank for rank, text in enumerate(problems) if text is not None]
+    if len(failed) == len(problems):
+        raise CarbrandError(problems[0])  # the same checkpoint fails everywhere: the plain reason
+    if failed:
+        rank = failed[0]
+        raise CarbrandError(f"rank {rank} of {len(problems)} cannot read {directory}, the resume checkpoint rank 0 picked "
+                            f"({problems[rank]}); does every node see the same {directory.parent}?")
+    return checkpoint

@@ -63,6 +63,7 @@ class TrainConfig:
     epochs: int = 10  # passes over the training split
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
     precision: str = "bf16"  # no | bf16 | fp16 (fp16 uses a grad scaler)
+    fp16_init_scale: float = 65536.0  # fp16: the grad scaler's first loss scale (2**16); halved at every skipped step
     channels_last: bool = True  # NHWC model and inputs (faster convolutions on tensor cores)
     seed: int = 0  # base seed; each rank uses seed + global rank for augmentation
     resume: str = "auto"  # auto (newest complete checkpoint in output.dir) | never | PATH
@@ -287,6 +288,7 @@ def validate(config: Config) -> None:
     check(not (o.nesterov and o.name == "sgd" and o.momentum == 0), "optim.nesterov", "needs optim.momentum > 0")
     check(t.epochs >= 1, "train.epochs", "must be >= 1")
     check(t.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no limit)")
+    check(t.fp16_init_scale > 0, "train.fp16_init_scale", "must be > 0")
     check(bool(t.resume), "train.resume", "must be auto, never or a checkpoint path")
     check(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
     check(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")

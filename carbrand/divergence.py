@@ -4,6 +4,9 @@ The loop marks each optimizer step's loss on the device (no host sync per step);
 check reads the marks of every rank in one small gather, and runs only at the loop's
 sync points: a log, a validation, a checkpoint. The newest checkpoint is therefore
 always from before the blow-up.
+
+fp16 steps that the grad scaler skipped for inf/NaN gradients are its routine, not a
+divergence: `ScalerSkips` tells the loop which steps those were.
 """
 
 from __future__ import annotations
@@ -54,3 +57,30 @@ class DivergenceGuard:
         newest = f"{saved[-1][1]} (step {saved[-1][0]})" if saved else "none yet"
         raise CarbrandError(f"training diverged: {what}; stopped without saving it. Newest checkpoint, from before: {newest}. "
                             f"Lower optim.lr, raise optim.warmup_epochs or set optim.grad_clip_norm")
+
+
+class ScalerSkips:
+    """fp16: did the grad scaler skip the optimizer step that just ran (inf/NaN gradients)?
+
+    Accelerate's `optimizer_step_was_skipped` only notices when the optimizer's `step` was not
+    called. A fused optimizer (the CUDA default here) is always called and skips inside its kernel,
+    so Accelerate reports every step as applied. The loss scale tells for sure: the scaler's update
+    multiplies it by the backoff factor (< 1) exactly when it found inf/NaN gradients, and
+    otherwise keeps it or grows it.
+    """
+
+    def __init__(self, scaler):
+        self._scaler = scaler  # None unless fp16
+        self._scale_before: torch.Tensor | float | None = None  # the scale the step just taken ran with
+
+    def step_was_skipped(self, accelerator) -> bool:
+        skipped = accelerator.optimizer_step_was_skipped  # non-fused optimizers, and the CPU tests' stand-in
+        if self._scaler is None:
+            return skipped
+        # `_scale` is the device tensor behind `get_scale()`, which would add a second host sync per step.
+        # The first step ran with the initial (or, after a resume, the restored) scale, `_init_scale`.
+        scale = self._scaler._scale
+        before = self._scaler._init_scale if self._scale_before is None else self._scale_before
+        self._scale_before = scale.clone()  # `update()` changes `_scale` in place
+        # host sync, fp16 only: one per optimizer step, because the schedule must know now whether to advance
+        return skipped or bool(scale < before)

@@ -9,12 +9,17 @@
 Reads top to bottom: config -> accelerator -> data -> model -> optimizer -> schedule ->
 resume -> prepare -> EMA -> tracker (`set_up`), then `train_loop` (step; at sync points the
 finiteness check, log, stop request, validation, checkpoint), then the export.
+
+The ranks hold one model: DDP keeps the weights equal, `synchronize_buffers` the BatchNorm
+statistics (each rank's follow its own shard) before anything is validated, saved or exported,
+and `check_ranks_agree` compares every tensor, bit for bit, at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import re
 import signal
 import sys
@@ -31,13 +36,23 @@ if not __package__:  # run as a file by `accelerate launch` / `torchrun`
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, TorchDynamoPlugin, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    GradScalerKwargs,
+    InitProcessGroupKwargs,
+    TorchDynamoPlugin,
+    broadcast,
+    gather_object,
+    set_seed,
+)
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from carbrand.checkpoint import (
-    find_resume_checkpoint,
-    load_training_checkpoint,
+    EMA_FILE,
+    TrainingCheckpoint,
+    agreed_resume_checkpoint,
+    load_resume_checkpoint,
     plain_state_dict,
     save_export,
     save_training_checkpoint,
@@ -46,7 +61,7 @@ from carbrand.config import Config, load_config, save_config
 from carbrand.data.loader_base import EvalLoader, TrainLoader
 from carbrand.data.loaders import build_eval_loader, build_train_loader, resolve_backend
 from carbrand.data.manifest import load_prepared
-from carbrand.divergence import DivergenceGuard
+from carbrand.divergence import DivergenceGuard, ScalerSkips
 from carbrand.errors import CarbrandError, ConfigError, first_line
 from carbrand.filesystem import check_run_dir_writable
 from carbrand.heartbeat import Heartbeat
@@ -92,6 +107,7 @@ class Run:
     total_steps: int
     micro_batches_per_epoch: int
     divergence: DivergenceGuard
+    scaler_skips: ScalerSkips
 
     @property
     def scored_model(self) -> torch.nn.Module:
@@ -117,17 +133,21 @@ def make_accelerator(config: Config) -> Accelerator:
         torch.backends.cudnn.benchmark = t.cudnn_benchmark  # fixed input shapes: autotune once
         torch.backends.cuda.matmul.allow_tf32 = t.tf32
         torch.backends.cudnn.allow_tf32 = t.tf32
+    handlers = [
+        # bucket views: gradients live inside DDP's all-reduce buckets, saving one copy per step.
+        # No buffer broadcast at every forward: `synchronize_buffers` averages them where it matters.
+        DistributedDataParallelKwargs(gradient_as_bucket_view=True, broadcast_buffers=False),
+        # a dead or stuck rank makes the others fail after this long instead of hanging forever
+        InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=t.collective_timeout_s)),
+    ]
+    if t.precision == "fp16":
+        handlers.append(GradScalerKwargs(init_scale=t.fp16_init_scale))
     return Accelerator(
         # without cpu=True, processes launched on a GPU-less host do not join one gloo group
         cpu=not torch.cuda.is_available(),
         mixed_precision=t.precision,
         gradient_accumulation_steps=t.grad_accum_steps,
-        # bucket views: gradients live inside DDP's all-reduce buckets, saving one copy per step
-        kwargs_handlers=[
-            DistributedDataParallelKwargs(gradient_as_bucket_view=True, broadcast_buffers=False),
-            # a dead or stuck rank makes the others fail after this long instead of hanging forever
-            InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=t.collective_timeout_s)),
-        ],
+        kwargs_handlers=handlers,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if config.model.compile else None,
         step_scheduler_with_optimizer=False,
     )
@@ -217,22 +237,21 @@ def set_up(config: Config, accelerator: Accelerator) -> Run:
     scheduler = build_scheduler(optimizer, schedule)
 
     # Resume before prepare: DDP then broadcasts the loaded weights to every rank (Accelerate moves optimizer state).
+    # Rank 0 picks the checkpoint for all: ranks listing a shared file system can see different newest ones.
     progress, checkpoint = Progress(), None
-    resumed_from = find_resume_checkpoint(run_dir, t.resume)
+    resumed_from = agreed_resume_checkpoint(accelerator, run_dir, t.resume)
     if resumed_from is not None:
-        checkpoint = load_training_checkpoint(resumed_from)
+        checkpoint = load_resume_checkpoint(accelerator, resumed_from)
         progress = restore_training_state(checkpoint, model, optimizer, scheduler, accelerator, world_size)
     # Every input is read and valid: only now touch the disk, and fail here, not hours later, if it cannot be written.
     if accelerator.is_main_process:
         check_run_dir_writable(run_dir)
         save_config(config, run_dir / "config.yaml")
     model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped_model = accelerator.unwrap_model(model)
-    ema_model = None
-    if t.ema_decay > 0:
-        ema_model = AveragedModel(unwrapped_model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
-        if checkpoint is not None and checkpoint.ema_state is not None:
-            load_classifier_state(ema_model.module, checkpoint.ema_state, str(resumed_from))
+    # The plain module, also under model.compile: by default Accelerate keeps the compiled wrapper (state-dict keys
+    # with `_orig_mod.`) and points it at the plain module, hiding DDP's no_sync (an all-reduce every micro-batch).
+    unwrapped_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    ema_model = make_ema(unwrapped_model, t.ema_decay, checkpoint, progress)
 
     tracker = Tracker(run_dir, config, is_main=accelerator.is_main_process)
     accelerator.print(
@@ -246,7 +265,21 @@ def set_up(config: Config, accelerator: Accelerator) -> Run:
                optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
                classes=classes, run_dir=run_dir, tracker=tracker, progress=progress, total_steps=total_steps,
                micro_batches_per_epoch=steps_per_epoch * t.grad_accum_steps,
-               divergence=DivergenceGuard(accelerator.device))
+               divergence=DivergenceGuard(accelerator.device), scaler_skips=ScalerSkips(accelerator.scaler))
+
+
+def make_ema(unwrapped_model, decay: float, checkpoint: TrainingCheckpoint | None, progress: Progress) -> AveragedModel | None:
+    """The EMA of the weights (buffers included), continued from the checkpoint when it holds one."""
+    if decay <= 0:
+        return None
+    ema_model = AveragedModel(unwrapped_model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    if checkpoint is not None and checkpoint.ema_state is not None:
+        load_classifier_state(ema_model.module, checkpoint.ema_state, str(checkpoint.directory / EMA_FILE))
+        # With its count at 0 the next update would copy the live weights over the restored average.
+        # Checkpoints from before the count was saved: the EMA is updated once per optimizer step.
+        updates = checkpoint.training_state.get("ema_updates")
+        ema_model.n_averaged.fill_(progress.step if updates is None else int(updates))
+    return ema_model
 
 
 def restore_training_state(checkpoint, model, optimizer, scheduler, accelerator, world_size: int) -> Progress:
@@ -344,7 +377,7 @@ def train_step(accelerator, model, optimizer, images, labels, label_smoothing: f
 def finish_optimizer_step(run: Run) -> None:
     """After an optimizer step: the schedule, the divergence marks, the EMA and the step counter."""
     progress = run.progress
-    applied = not run.accelerator.optimizer_step_was_skipped
+    applied = not run.scaler_skips.step_was_skipped(run.accelerator)
     if applied:
         run.scheduler.step()
     else:
@@ -376,6 +409,9 @@ def log_window(run: Run, window: ThroughputWindow, bar) -> None:
     }
     if accelerator.scaler is not None or progress.skipped_steps:
         metrics["train/skipped_steps"] = progress.skipped_steps  # fp16 scaler skips since the start of the run
+    if progress.restarts:
+        # again at every log: a resumed W&B run drops what set_up logged at the resume step, which it had seen
+        metrics["run/restarts"] = progress.restarts
     if accelerator.device.type == "cuda":
         metrics["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
     run.tracker.log(metrics, step=progress.step)
@@ -411,6 +447,7 @@ def validate_and_keep_best(run: Run) -> None:
     if run.val_loader is None:
         return
     progress = run.progress
+    synchronize_buffers(run)  # one model scores every shard, and best/ holds that model
     summary = validate(run)
     run.tracker.log({f"val/{k}": v for k, v in summary.items()} | {"epoch": progress.epoch}, step=progress.step)
     run.accelerator.print(
@@ -431,6 +468,7 @@ def export_model(run: Run) -> None:
 def save_checkpoint(run: Run) -> None:
     """A complete step checkpoint (the caller has checked the weights are finite); every rank waits for it."""
     accelerator, progress = run.accelerator, run.progress
+    synchronize_buffers(run)  # rank 0 saves: its buffers must be everyone's
     if accelerator.is_main_process:
         training_state = {
             "progress": vars(progress).copy(),
@@ -438,6 +476,8 @@ def save_checkpoint(run: Run) -> None:
             "scheduler": run.scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "world_size": accelerator.num_processes,
+            # the EMA's update count: a resumed EMA goes on averaging instead of restarting from the live weights
+            "ema_updates": int(run.ema_model.n_averaged) if run.ema_model is not None else None,
         }
         ema = plain_state_dict(run.ema_model.module) if run.ema_model is not None else None
         save_training_checkpoint(run.run_dir, progress.step, plain_state_dict(run.unwrapped_model), ema,
@@ -445,14 +485,51 @@ def save_checkpoint(run: Run) -> None:
     accelerator.wait_for_everyone()  # nobody exits or resumes before the checkpoint is complete
 
 
+@torch.no_grad()
+def synchronize_buffers(run: Run) -> None:
+    """Give every rank the same buffers (the EMA's too) before they are scored, saved or compared (collectives).
+
+    DDP runs without broadcasting buffers at every forward, so each rank's BatchNorm running
+    statistics follow its own shard. Floating-point buffers are averaged (one all-reduce per
+    dtype); the others (num_batches_tracked, the EMA's count) advance alike on every rank and
+    are taken from rank 0 so that they are equal by construction.
+    """
+    accelerator = run.accelerator
+    if accelerator.num_processes == 1:
+        return
+    modules = [run.unwrapped_model] + ([run.ema_model] if run.ema_model is not None else [])
+    buffers = [b for module in modules for b in module.buffers()]
+    for dtype in sorted({b.dtype for b in buffers}, key=str):
+        group = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.reshape(-1) for b in group])
+        flat = accelerator.reduce(flat, reduction="mean") if dtype.is_floating_point else broadcast(flat, from_process=0)
+        for buffer, value in zip(group, flat.split([b.numel() for b in group])):
+            buffer.copy_(value.view_as(buffer))
+
+
+def state_digests(run: Run) -> dict[str, str]:
+    """A short hash of every tensor of the state, weights and buffers, the EMA's under `ema.`: equal bits, equal hash."""
+    states = {"": run.unwrapped_model.state_dict()}
+    if run.ema_model is not None:
+        states["ema."] = run.ema_model.state_dict()
+    digests = {}
+    for prefix, state in states.items():
+        for name, tensor in state.items():
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            digests[prefix + name] = hashlib.sha256(data.numpy()).hexdigest()[:16]
+    return digests
+
+
 def check_ranks_agree(run: Run) -> None:
-    """Once, at the end: every rank must hold the same weights, or DDP silently diverged."""
-    checksum = torch.stack([p.detach().double().sum() for p in run.unwrapped_model.parameters()]).sum()
-    checksums = run.accelerator.gather(checksum.reshape(1))
-    agree = bool(torch.allclose(checksums, checksums[0].expand_as(checksums), rtol=1e-6, atol=1e-6))
-    run.tracker.log({"run/ranks_agree": agree, "run/parameter_checksum": checksums[0].item()}, step=run.progress.step)
-    if not agree:
-        raise CarbrandError(f"ranks hold different weights at the end of training (checksums {checksums.tolist()})")
+    """Once, at the end: every rank must hold the very same state, bit for bit, or the replicas silently diverged."""
+    local = state_digests(run)  # host copies of the whole state: once per run
+    ranks = gather_object([local]) if run.accelerator.num_processes > 1 else [local]
+    different = sorted({name for digests in ranks[1:] for name in local if digests.get(name) != ranks[0].get(name)})
+    state_digest = hashlib.sha256("".join(ranks[0].values()).encode()).hexdigest()[:16]
+    run.tracker.log({"run/ranks_agree": not different, "run/state_digest": state_digest}, step=run.progress.step)
+    if different:
+        raise CarbrandError(f"ranks hold different states at the end of training: {len(different)} of {len(local)} "
+                            f"tensors differ (e.g. {', '.join(different[:3])})")
 
 
 def report_stop(run: Run, stop_request: StopRequest) -> int:

@@ -1,5 +1,6 @@
 """GPU-only checks (`pytest -m gpu` on a CUDA host; deselected elsewhere): the trainer and
-evaluator end to end with DALI's GPU decoder, bf16 and fp16 (grad scaler), channels-last."""
+evaluator end to end with DALI's GPU decoder, bf16 and fp16 (grad scaler), channels-last;
+fp16 steps the grad scaler skips, with the fused CUDA optimizer."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import sys
 
 import pytest
 import torch
+
+from carbrand.checkpoint import load_training_checkpoint
+from carbrand.optimization import Schedule
 from tests.helpers.subprocesses import assert_ok, subprocess_environment
 from tests.helpers.training_runs import read_metrics, run_training
 
@@ -43,3 +47,26 @@ def test_memory_loader_run_is_faster_than_nothing_and_counts_images(prepared_car
     assert_ok(done)
     rates = [r["train/images_per_second"] for r in read_metrics(run_dir) if "train/images_per_second" in r]
     assert len(rates) == 3 and min(rates) > 0
+
+
+def test_fp16_skipped_steps_are_counted_and_do_not_advance_the_schedule(prepared_cars5, tmp_path):
+    """A first loss scale of 2**24 overflows the fp16 gradients for sure: the scaler skips steps, halving the scale
+    each time, until it fits. The optimizer is fused on CUDA, so it is always called and Accelerate's
+    `optimizer_step_was_skipped` stays False: the trainer must see the skips from the scale."""
+    run_dir = tmp_path / "run"
+    done = run_training(prepared_cars5, run_dir, "data.loader=torchvision", "train.precision=fp16",
+                        "train.fp16_init_scale=16777216", "data.batch_size=32", "train.max_steps=24", "train.log_every=1")
+    assert_ok(done)
+    records = [r for r in read_metrics(run_dir) if "train/loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 25))
+    skipped = records[-1]["train/skipped_steps"]
+    assert 0 < skipped < 24, [r["train/skipped_steps"] for r in records]
+    # train/lr is the rate for the next step: where the schedule stands after the steps applied so far
+    # (cars5 at batch 32: 8 steps per epoch, so 8 warm-up steps, then cosine to step 24; peak 0.001, not scaled)
+    schedule = Schedule(total_steps=24, warmup_steps=8, frozen_backbone_steps=0, min_lr_ratio=0.0)
+    for record in records:
+        applied = record["step"] - record["train/skipped_steps"]
+        assert record["train/lr"] == pytest.approx(0.001 * schedule.factor(applied), rel=1e-9), record
+    saved = load_training_checkpoint(run_dir / "checkpoints" / "step_24").training_state
+    assert saved["progress"]["skipped_steps"] == skipped
+    assert saved["scheduler"]["last_epoch"] == 24 - skipped, "the schedule advances on applied steps only"

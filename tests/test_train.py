@@ -12,10 +12,23 @@ from safetensors.torch import load_file
 
 from carbrand.checkpoint import load_export_model
 from carbrand.model import build_model
+from tests.helpers.fault_runs import (
+    TINY,
+    complete_checkpoints,
+    error_line,
+    fault_environment,
+    logged_steps,
+    start,
+    start_training,
+    wait_until,
+)
 from tests.helpers.paths import HELPERS, REPO
+from tests.helpers.ports import free_port
 from tests.helpers.subprocesses import assert_ok, subprocess_environment
-from tests.helpers.training_runs import last_value, launch_command, read_metrics, run_training, train_command
+from tests.helpers.training_runs import TRAIN_SCRIPT, last_value, launch_command, read_metrics, run_training, train_command
 from tests.helpers.wandb_records import read_history
+
+PROBE = HELPERS / "rank_state_probe.py"
 
 
 def assert_complete_run_dir(run_dir):
@@ -118,6 +131,20 @@ def test_wandb_offline_run_holds_the_logged_values(prepared_cars5, tmp_path):
         assert logged[record["step"]]["train/loss"] == pytest.approx(record["train/loss"], rel=1e-6)
         assert logged[record["step"]]["train/images_per_second"] > 0
     assert any("val/accuracy" in row for row in history)
+
+    # Resumed for two more steps, the W&B run continues under the same id. W&B has already seen step 6 and
+    # keeps nothing logged at a step it has seen (a resumed run starts at the next step): the restart must
+    # reach it at a later step. (Offline, the client cannot know what the server saw, so the rule is applied here.)
+    result = run_training(prepared_cars5, run_dir, "train.max_steps=8", "train.log_every=2", "wandb.mode=offline",
+                          env=env)
+    assert_ok(result)
+    resumed = [path for path in (run_dir / "wandb").glob("offline-run-*/run-*.wandb") if path != runs[0]]
+    assert len(resumed) == 1, list((run_dir / "wandb").rglob("*"))
+    kept = [row for row in read_history(resumed[0]) if row["_step"] > 6]
+    assert [row["_step"] for row in kept if "train/loss" in row] == [8]
+    assert [row.get("run/restarts") for row in kept if "train/loss" in row] == [1], kept
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records if r.get("run/restarts") == 1][0] == 6  # metrics.jsonl: where it happened
     for saved in [run_dir / "config.yaml", run_dir / "metrics.jsonl"]:
         assert "x" * 40 not in saved.read_text()  # the API key never lands in the run directory
 
@@ -164,3 +191,158 @@ def test_it_learns_cars5_from_random_init(prepared_cars5, tmp_path):
     assert metrics["samples"] == 100
     # 32 or more right out of 100 happens by chance with probability < 0.5%; this recipe reaches 40.
     assert metrics["accuracy"] >= 0.32, metrics["accuracy"]
+
+
+# ----------------------------------------------------------------------------- several ranks, resumes, the EMA
+# Small 2-rank runs at 32 px (266 train images / 2 ranks / batch 16 = 8 steps per epoch), loading in the process.
+TWO_RANKS = (*TINY, "data.loader=torchvision", "train.collective_timeout_s=60")
+
+
+def probe_command(prepared, run_dir, out, *overrides, num_processes=2):
+    """The trainer started through tests/helpers/rank_state_probe.py: each rank records its own state in `out`."""
+    command = train_command(prepared, run_dir, *TWO_RANKS, *overrides, num_processes=num_processes)
+    at = command.index(str(TRAIN_SCRIPT))
+    return command[:at] + [str(PROBE), str(out)] + command[at + 1:]
+
+
+def run_probe(prepared, run_dir, out, *overrides, num_processes=2) -> subprocess.CompletedProcess:
+    return subprocess.run(probe_command(prepared, run_dir, out, *overrides, num_processes=num_processes),
+                          capture_output=True, text=True, timeout=600, env=fault_environment(), cwd=REPO)
+
+
+def probed(out, rank) -> tuple[dict[str, torch.Tensor], dict]:
+    return load_file(str(out / f"rank{rank}.safetensors")), json.loads((out / f"rank{rank}.json").read_text())
+
+
+@pytest.mark.slow
+def test_ranks_end_bit_identical_and_best_reproduces_its_validation(prepared_cars5, tmp_path):
+    """Each rank's BatchNorm statistics follow its own shard (DDP does not broadcast buffers): they must be
+    made equal before validation, checkpoints and the export, the EMA's too. Each rank's whole state is read
+    here, not the trainer's verdict; then best/, evaluated alone, must score what the trainer logged for it."""
+    run_dir, out = tmp_path / "run", tmp_path / "probe"
+    result = run_probe(prepared_cars5, run_dir, out, "train.epochs=1", "train.eval_every_steps=4", "train.ema_decay=0.5")
+    assert_ok(result)
+    (rank0, _), (rank1, _) = probed(out, 0), probed(out, 1)
+    assert sorted(rank0) == sorted(rank1)
+    assert any(name.endswith("running_var") for name in rank0) and any(name.startswith("ema.") for name in rank0)
+    different = [name for name in rank0 if not torch.equal(rank0[name], rank1[name])]
+    assert not different, f"{len(different)} tensors differ between the ranks, e.g. {different[:4]}"
+
+    validations = [r for r in read_metrics(run_dir) if "val/accuracy" in r]
+    assert sorted({r["step"] for r in validations}) == [4, 8]  # (step 8 twice: at eval_every_steps and at the end)
+    best = max(validations, key=lambda r: r["val/accuracy"])  # the first of equal scores: a new best must beat the old
+    evaluation = subprocess.run([sys.executable, "-m", "carbrand.evaluate", "--checkpoint", str(run_dir / "best"),
+                                 "--data", str(prepared_cars5), "--split", "val", "--out", str(tmp_path / "eval")],
+                                capture_output=True, text=True, timeout=300, env=fault_environment(), cwd=REPO)
+    assert_ok(evaluation)
+    alone = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert alone["samples"] == best["val/samples"]
+    assert alone["accuracy"] == pytest.approx(best["val/accuracy"], abs=1e-9), (alone["accuracy"], best)
+
+
+@pytest.mark.slow
+def test_rank_with_a_stale_checkpoint_listing_resumes_from_rank_0s_choice(prepared_cars5, tmp_path):
+    run_dir = tmp_path / "run"
+    assert_ok(run_training(prepared_cars5, run_dir, *TWO_RANKS, "train.epochs=1", num_processes=2, env=fault_environment()))
+    assert complete_checkpoints(run_dir) == [8]
+
+    # Rank 1 lists checkpoints/ as empty (a stale directory cache on its node); it must still resume from step 8.
+    out = tmp_path / "probe"
+    result = run_probe(prepared_cars5, run_dir, out, "train.epochs=2", "--stale-listing-on-rank=1")
+    assert_ok(result)
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_8'} at step 8" in result.stdout
+    for rank in (0, 1):
+        _, record = probed(out, rank)
+        assert record["progress"]["step"] == 16 and record["progress"]["restarts"] == 1, (rank, record)
+    assert "carbrand: done in 16 steps" in result.stdout
+    assert max(r["step"] for r in read_metrics(run_dir)) == 16
+
+
+@pytest.mark.slow
+def test_rank_that_cannot_read_the_chosen_checkpoint_stops_every_rank_with_one_line(prepared_cars5, tmp_path):
+    run_dir = tmp_path / "run"
+    assert_ok(run_training(prepared_cars5, run_dir, *TWO_RANKS, "train.max_steps=2", num_processes=2,
+                           env=fault_environment()))
+    # One process per rank, as srun starts them (each rank's own output and exit code; no launcher traceback).
+    command = probe_command(prepared_cars5, run_dir, tmp_path / "probe", "train.max_steps=4",
+                            "--unreadable-checkpoint-on-rank=1", num_processes=1)
+    port = str(free_port())
+    ranks = [start(command, tmp_path / f"rank{rank}", env=fault_environment() | {
+        "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for rank in (0, 1)]
+    try:
+        codes = [rank.wait(timeout=300) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert codes == [1, 1], [rank.stderr[-2000:] for rank in ranks]
+    checkpoint = run_dir / "checkpoints" / "step_2"
+    for rank in ranks:
+        assert error_line(rank.stderr).startswith(f"carbrand train: error: rank 1 of 2 cannot read {checkpoint}, ")
+
+
+EMA_RUN = ("data.loader=torchvision", "train.epochs=1", "train.log_every=1", "train.seed=5", "train.ema_decay=0.9",
+           "optim.warmup_epochs=0")
+
+
+@pytest.mark.slow
+def test_ema_after_a_stop_and_resume_matches_an_uninterrupted_run(prepared_cars5, tmp_path):
+    """The EMA's update count is restored with its weights: otherwise the first update after the restart
+    copies the live weights over the restored average. (Same step-by-step reproducibility as
+    tests/faults/test_kill_and_resume.py: torchvision loader, same seed, same crops.)"""
+    straight = tmp_path / "straight"
+    assert_ok(run_training(prepared_cars5, straight, *TINY, *EMA_RUN, env=fault_environment()))
+
+    stopped = tmp_path / "stopped"
+    run = start_training(prepared_cars5, stopped, *EMA_RUN, logs=tmp_path / "logs")
+    wait_until(lambda: max(logged_steps(stopped), default=0) >= 6, run, what="step 6")
+    run.process.send_signal(signal.SIGUSR1)
+    assert run.wait(timeout=120) == 143, run.stderr[-3000:]
+    stopped_at = complete_checkpoints(stopped)[-1]
+    assert stopped_at < 12, "the stop must leave several EMA updates to the resumed run"
+    result = run_training(prepared_cars5, stopped, *TINY, *EMA_RUN, env=fault_environment())
+    assert_ok(result)
+    assert f"resumed from {stopped / 'checkpoints' / f'step_{stopped_at}'} at step {stopped_at}" in result.stdout
+
+    def final(run_dir, name):
+        return load_file(str(run_dir / "checkpoints" / "step_16" / name))
+
+    live, ema = final(straight, "model.safetensors"), final(straight, "ema.safetensors")
+    lag = max((live[k] - ema[k]).abs().max().item() for k in ema if ema[k].is_floating_point())
+    assert lag > 1e-2, "the EMA must lag the live weights, or the comparison proves nothing"
+    for name in ("model.safetensors", "ema.safetensors"):
+        expected, resumed = final(straight, name), final(stopped, name)
+        for key in expected:
+            torch.testing.assert_close(resumed[key], expected[key], rtol=1e-3, atol=1e-4, msg=lambda m: f"{name} {key}: {m}")
+
+
+@pytest.mark.slow
+def test_compiled_model_accumulates_without_all_reduce_and_resumes_its_ema(prepared_cars5, tmp_path):
+    """model.compile: the trainer must hold the plain module (Accelerate's unwrap keeps the compiled wrapper by
+    default: `_orig_mod.` keys, and DDP's no_sync hidden, so every micro-batch all-reduces). TorchDynamo's eager
+    backend builds the same wrappers as inductor and compiles in seconds on a CPU (inductor: minutes)."""
+    run_dir = tmp_path / "run"
+    common = ("model.compile=true", "train.grad_accum_steps=2", "train.ema_decay=0.9", "--dynamo-backend=eager")
+    result = run_probe(prepared_cars5, run_dir, tmp_path / "first", *common, "train.max_steps=2")
+    assert_ok(result)
+    for rank in (0, 1):
+        _, record = probed(tmp_path / "first", rank)
+        assert record["all_reduces"]["at_step"] > 0, record
+        assert record["all_reduces"]["inside_accumulation"] == 0, record
+
+    result = run_probe(prepared_cars5, run_dir, tmp_path / "second", *common, "train.max_steps=3")
+    assert_ok(result)
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_2'} at step 2" in result.stdout
+    _, record = probed(tmp_path / "second", 0)
+    assert record["progress"]["step"] == 3
+
+
+def test_ema_count_comes_from_the_checkpoint_or_for_older_ones_from_the_step():
+    from carbrand.checkpoint import TrainingCheckpoint
+    from carbrand.train import Progress, make_ema
+
+    model = build_model("resnet18", num_classes=5)
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    for saved, expected in (({"ema_updates": 5}, 5), ({}, 7)):  # {}: written before the count was saved
+        checkpoint = TrainingCheckpoint(REPO / "runs" / "old" / "step_7", state, state, saved)
+        assert int(make_ema(model, 0.9, checkpoint, Progress(step=7)).n_averaged) == expected

@@ -1,0 +1,103 @@
+"""Test-only wrapper: run the real trainer and record, per rank, what that rank holds at the end.
+
+    python tests/helpers/rank_state_probe.py OUT_DIR --config ... [key=value ...] [OPTION ...]
+    accelerate launch --multi_gpu --num_processes 2 tests/helpers/rank_state_probe.py OUT_DIR --config ... [OPTION ...]
+
+Just before the trainer's own end-of-run check (`carbrand.train.check_ranks_agree`), every rank
+writes OUT_DIR/rank<R>.safetensors (its whole state dict, buffers included, the EMA's under
+`ema.`) and OUT_DIR/rank<R>.json (its progress counters, and how many gradient all-reduces DDP
+ran at optimizer steps and inside gradient-accumulation windows). Tests read these files
+themselves instead of trusting the product's check. Options, taken out of the arguments
+wherever they stand (the rest goes to the trainer unchanged):
+
+    --stale-listing-on-rank=R      rank R lists no checkpoint in checkpoints/ (a stale directory
+                                   cache of the shared file system on another node)
+    --unreadable-checkpoint-on-rank=R   rank R cannot read a training checkpoint (its files are
+                                   not visible there yet)
+    --dynamo-backend=NAME          model.compile with this TorchDynamo backend instead of inductor:
+                                   the same wrappers, compiled in seconds on a CPU instead of minutes
+"""
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this tree's carbrand, wherever it is installed
+
+import accelerate  # noqa: E402
+from accelerate.state import GradientState  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+import carbrand.checkpoint as checkpoint  # noqa: E402
+from carbrand import train  # noqa: E402
+from carbrand.errors import CarbrandError  # noqa: E402
+
+RANK = int(os.environ.get("RANK", "0"))  # set by accelerate launch / torchrun; one process: rank 0
+
+
+def take_options(arguments: list[str]) -> tuple[dict[str, str], list[str]]:
+    names = ("--stale-listing-on-rank", "--unreadable-checkpoint-on-rank", "--dynamo-backend")
+    options = {a.partition("=")[0]: a.partition("=")[2] for a in arguments if a.partition("=")[0] in names}
+    return options, [a for a in arguments if a.partition("=")[0] not in names]
+
+
+def count_gradient_all_reduces(counts: dict[str, int]) -> None:
+    """Every DDP the trainer prepares reports each bucket all-reduce, inside or outside an accumulation window."""
+    prepare_model = accelerate.Accelerator.prepare_model
+
+    def prepare_and_count(self, model, *args, **kwargs):
+        prepared = prepare_model(self, model, *args, **kwargs)
+        ddp = prepared._orig_mod if hasattr(prepared, "_orig_mod") else prepared  # compiled: the wrapper holds DDP
+        if isinstance(ddp, DistributedDataParallel):
+            def hook(state, bucket):
+                counts["at_step" if GradientState().sync_gradients else "inside_accumulation"] += 1
+                return allreduce_hook(state, bucket)
+
+            ddp.register_comm_hook(None, hook)
+        return prepared
+
+    accelerate.Accelerator.prepare_model = prepare_and_count
+
+
+def record_state_at_the_end(out: Path, counts: dict[str, int]) -> None:
+    check_ranks_agree = train.check_ranks_agree
+
+    def record_then_check(run) -> None:
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in run.unwrapped_model.state_dict().items()}
+        if run.ema_model is not None:
+            state |= {f"ema.{name}": tensor.detach().cpu().contiguous() for name, tensor in run.ema_model.state_dict().items()}
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(out / f"rank{run.accelerator.process_index}.safetensors"))
+        record = {"progress": asdict(run.progress), "all_reduces": counts}
+        (out / f"rank{run.accelerator.process_index}.json").write_text(json.dumps(record))
+        check_ranks_agree(run)
+
+    train.check_ranks_agree = record_then_check
+
+
+def main() -> int:
+    out = Path(sys.argv[1])
+    options, arguments = take_options(sys.argv[2:])
+    if options.get("--stale-listing-on-rank") == str(RANK):
+        checkpoint.step_checkpoints = lambda run_dir: []
+    if options.get("--unreadable-checkpoint-on-rank") == str(RANK):
+        def unreadable(directory):
+            raise CarbrandError(f"{directory} is not a complete training checkpoint (needs {checkpoint.MODEL_FILE} "
+                                f"and {checkpoint.STATE_FILE})")
+
+        checkpoint.load_training_checkpoint = unreadable
+    if "--dynamo-backend" in options:
+        plugin = train.TorchDynamoPlugin
+        train.TorchDynamoPlugin = lambda **kwargs: plugin(**(kwargs | {"backend": options["--dynamo-backend"]}))
+    counts = {"at_step": 0, "inside_accumulation": 0}
+    count_gradient_all_reduces(counts)
+    record_state_at_the_end(out, counts)
+    return train.main(arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
