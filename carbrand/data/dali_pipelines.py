@@ -157,8 +157,8 @@ class DaliTrainLoader(TrainLoader):
     """Training batches from a long-lived DALI pipeline that reads several epochs back to back.
 
     Building a pipeline on a GPU re-creates the decoder state and its pre-allocations. An H200
-    run that rebuilt it at every epoch boundary waited for data 40% of the time; the rebuild
-    is the likely cause by arithmetic, not yet proven by a profile (docs/BENCHMARKS.md). So
+    run that rebuilt it at every epoch boundary waited for data 40% of the time; with one
+    pipeline kept across epochs an H100 waited 12.7% (docs/BENCHMARKS.md). So
     one pipeline is given the exact orders of the next epochs
     in sequence (a shard is whole batches, so no batch straddles two epochs) and is rebuilt
     only after those epochs, or when the caller jumps elsewhere (a resume mid-epoch).
