@@ -117,6 +117,13 @@ def test_yaml_python_tags_build_nothing(where, export, photo, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and not marker.exists()
 
 
+def reading_command(command: str, prepared: Path, export, out: Path) -> list:
+    """`carbrand train` or `carbrand evaluate` reading the prepared dataset `prepared`, writing to `out`."""
+    if command == "train":
+        return ["train", "--config", CPU_RECIPE, f"data.manifest={prepared}", f"output.dir={out}", "data.loader=torchvision"]
+    return ["evaluate", "--checkpoint", export, "--data", prepared, "--out", out]
+
+
 @pytest.mark.parametrize("command", ["train", "evaluate"])
 @pytest.mark.parametrize("path, refusal", [("../outside.jpg", "escapes the dataset root"),
                                            ("/etc/hostname", "absolute image path")], ids=["dot-dot", "absolute"])
@@ -127,12 +134,7 @@ def test_manifest_paths_cannot_leave_the_dataset_root(command, path, refusal, pr
     split = "train" if command == "train" else "test"
     rows = (prepared / f"{split}.csv").read_text().splitlines()
     (prepared / f"{split}.csv").write_text("\n".join([rows[0], f"{path},0,audi", *rows[1:]]) + "\n")
-    if command == "train":
-        arguments = ["train", "--config", CPU_RECIPE, f"data.manifest={prepared}", f"output.dir={tmp_path / 'out'}",
-                     "data.loader=torchvision"]
-    else:
-        arguments = ["evaluate", "--checkpoint", export, "--data", prepared, "--out", tmp_path / "out"]
-    code, err = run_cli(*arguments, capsys=capsys)
+    code, err = run_cli(*reading_command(command, prepared, export, tmp_path / "out"), capsys=capsys)
     assert code == 1 and len(err.splitlines()) == 1, err
     assert f"{prepared / f'{split}.csv'}:2: " in err and refusal in err and repr(path) in err, err
     assert not (tmp_path / "out").exists()
@@ -169,12 +171,7 @@ def test_manifest_symlinks_and_roots_cannot_leave_the_dataset_root(command, kind
     if path:
         rows = (prepared / f"{split}.csv").read_text().splitlines()
         (prepared / f"{split}.csv").write_text("\n".join([rows[0], f"{path},0,audi", *rows[1:]]) + "\n")
-    if command == "train":
-        arguments = ["train", "--config", CPU_RECIPE, f"data.manifest={prepared}", f"output.dir={tmp_path / 'out'}",
-                     "data.loader=torchvision"]
-    else:
-        arguments = ["evaluate", "--checkpoint", export, "--data", prepared, "--out", tmp_path / "out"]
-    code, err = run_cli(*arguments, capsys=capsys)
+    code, err = run_cli(*reading_command(command, prepared, export, tmp_path / "out"), capsys=capsys)
     assert code == 1 and len(err.splitlines()) == 1, err
     named = f"{prepared / f'{split}.csv'}:2: image path {path!r}" if path else f"{prepared / 'manifest.json'}: relative root"
     assert named in err and f"leads to {leads_to}" in err and "outside the dataset" in err, err
