@@ -32,22 +32,21 @@ class ThroughputWindow:
         self.micro_batches += 1
         self.images += images
 
-    @contextlib.contextmanager
     def waiting_for_data(self):
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.data_wait_seconds += time.perf_counter() - started
+        """The wait for the next batch: reported as the data-wait fraction."""
+        return self._timed("data_wait_seconds")
 
-    @contextlib.contextmanager
     def paused(self):
         """Validation, checkpoints: kept out of images/s and the wait fraction."""
+        return self._timed("paused_seconds")
+
+    @contextlib.contextmanager
+    def _timed(self, counter: str):
         started = time.perf_counter()
         try:
             yield
         finally:
-            self.paused_seconds += time.perf_counter() - started
+            setattr(self, counter, getattr(self, counter) + time.perf_counter() - started)
 
     def training_seconds(self) -> float:
         """Seconds of training in the window. Read it after a host sync: before one, the device may still
