@@ -47,3 +47,12 @@ def prepared_cars5(cars5_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("prepared_cars5")
     prepare_dataset(cars5_dir, out, quiet=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def fitted_cars5_export(prepared_cars5: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An export whose predictions on cars5 are above chance but far from perfect (tests/helpers/exports.py):
+    made once per session, for every test that needs a model worth evaluating but not a training run."""
+    from tests.helpers.exports import fit_export
+
+    return fit_export(tmp_path_factory.mktemp("fitted_run") / "best", prepared_cars5)

@@ -1,8 +1,8 @@
 """The evaluator on real cars5 photos: 1 and 2 processes, brand matching by name, raw folders, bad inputs.
 
-The export is made here (not by the trainer): a resnet18 at 32 px whose BatchNorm statistics
-and head are fitted to cars5's training photos in one forward pass, so its predictions are
-above chance but far from perfect — there are mistakes to count.
+The export is not made by the trainer: `fitted_cars5_export` (tests/helpers/exports.py) fits a
+resnet18's BatchNorm statistics and head to cars5's training photos in one forward pass, so its
+predictions are above chance but far from perfect — there are mistakes to count.
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 from sklearn import metrics as skm
 
 from carbrand.checkpoint import plain_state_dict, save_export
-from carbrand.config import load_config
 from carbrand.model import build_model
 
+from tests.helpers.exports import CARS5, export_config
 from tests.helpers.paths import REPO
 from tests.helpers.subprocesses import assert_ok, subprocess_environment
 from tests.helpers.training_runs import launch_command
@@ -27,55 +26,11 @@ from tests.helpers.training_runs import launch_command
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # in-process runs create an Accelerator
 
 EVALUATE = REPO / "carbrand" / "evaluate.py"
-CARS5 = ["audi", "bmw", "ferrari", "lamborghini", "mercedes"]
-
-
-def export_config(arch: str = "resnet18", image_size: int = 32):
-    return load_config(None, [f"model.arch={arch}", f"data.image_size={image_size}", "data.batch_size=16",
-                              "data.workers=1", "wandb.mode=disabled"])
-
-
-def fit_export(directory: Path, prepared: Path) -> Path:
-    """BatchNorm statistics and a logistic-regression head from one pass over the training split."""
-    from carbrand.data.loaders import build_eval_loader, resolve_backend
-    from carbrand.data.manifest import load_prepared
-
-    dataset = load_prepared(prepared)
-    config = export_config()
-    torch.manual_seed(0)
-    model = build_model("resnet18", len(dataset.classes))
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # cumulative average over the pass
-    backbone = torch.nn.Sequential(*list(model.children())[:-1], torch.nn.Flatten())
-    subset = dataset.split("train")[::3]  # every brand, a third of the photos: enough for above chance
-    loader = build_eval_loader(config.data, subset, backend=resolve_backend(config.data, torch.device("cpu")), rank=0, world_size=1, device=torch.device("cpu"),
-                               dtype=torch.float32, channels_last=False)
-    features, labels = [], []
-    with torch.no_grad():
-        model.train()
-        for images, batch_labels, _ in loader:
-            features.append(backbone(images))
-            labels.append(batch_labels)
-    loader.close()
-    features, labels = torch.cat(features), torch.cat(labels)
-    mean, std = features.mean(0), features.std(0) + 1e-6
-    head = torch.nn.Linear(features.shape[1], len(dataset.classes))
-    optimizer = torch.optim.Adam(head.parameters(), lr=0.01, weight_decay=1e-2)
-    for _ in range(150):
-        loss = torch.nn.functional.cross_entropy(head((features - mean) / std), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():  # fold the standardisation into the head: W((f - mean) / std) + b
-        model.fc.weight.copy_(head.weight / std)
-        model.fc.bias.copy_(head.bias - (head.weight * mean / std).sum(dim=1))
-    return save_export(directory, plain_state_dict(model.eval()), dataset.classes, config)
 
 
 @pytest.fixture(scope="module")
-def fitted_export(prepared_cars5: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return fit_export(tmp_path_factory.mktemp("run") / "best", prepared_cars5)
+def fitted_export(fitted_cars5_export: Path) -> Path:
+    return fitted_cars5_export
 
 
 def evaluate_in_process(*args: str) -> int:

@@ -13,20 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from carbrand.checkpoint import plain_state_dict, save_export
-from carbrand.config import load_config
-from carbrand.model import build_model
-
-CARS5 = ["audi", "bmw", "ferrari", "lamborghini", "mercedes"]
-
-
-def make_export(directory: Path, *, arch_in_config: str = "resnet18", classes: list[str] = CARS5) -> Path:
-    """Random weights (resnet18, 32 px) with a wide head, so different photos get different brands."""
-    torch.manual_seed(0)
-    model = build_model("resnet18", len(classes))
-    torch.nn.init.normal_(model.fc.weight, std=0.2)
-    config = load_config(None, [f"model.arch={arch_in_config}", "data.image_size=32", "wandb.mode=disabled"])
-    return save_export(directory, plain_state_dict(model), classes, config)
+from tests.helpers.exports import CARS5, make_export
 
 
 @pytest.fixture(scope="module")
