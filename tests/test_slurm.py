@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from tests.helpers.paths import REPO
+from tests.helpers.ports import ephemeral_ports, free_port
 from tests.helpers.slurm_cluster import SlurmCluster
 from tests.helpers.subprocesses import assert_ok, subprocess_environment
 from tests.helpers.training_runs import CPU_RECIPE, QUICK, last_value, read_metrics
@@ -98,12 +99,6 @@ def rendezvous_port(log: str) -> int:
     found = re.search(r"rendezvous c10d at [^ ]+:(\d+)", log)
     assert found, log[:2000]
     return int(found.group(1))
-
-
-def ephemeral_ports() -> tuple[int, int]:
-    """The kernel's range for outgoing connections' local ports: any of them may be taken at any moment."""
-    low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-    return int(low), int(high)
 
 
 @pytest.mark.slow
@@ -228,6 +223,14 @@ def test_topology_picks_a_free_port_outside_the_ephemeral_range_unless_given_one
     assert other != port and not low <= other <= high, (port, other)
     assert resolve_topology(tmp_path, SLURM_JOB_ID="34568")["MASTER_PORT"] != str(port)  # the next job: another port
     assert resolve_topology(tmp_path, MASTER_PORT="29999")["MASTER_PORT"] == "29999"  # the user's choice wins
+
+
+def test_the_tests_own_ports_follow_the_same_rule():
+    """tests/helpers/ports.py: the rendezvous ports tests hand to launchers stay out of the ephemeral range too."""
+    low, high = ephemeral_ports()
+    ports = [free_port() for _ in range(20)]
+    assert not any(low <= port <= high for port in ports), (ports, (low, high))
+    assert len(set(ports)) > 15, "drawn at random, so that tests side by side do not pick the same"
 
 
 def test_topology_passes_the_jobs_cpus_per_task_on_to_srun(tmp_path):

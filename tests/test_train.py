@@ -1,7 +1,6 @@
 """The trainer with real processes on real photos (cars5): DDP over gloo, resume, exports, W&B offline."""
 
 import json
-import signal
 import subprocess
 import sys
 
@@ -16,10 +15,7 @@ from tests.helpers.fault_runs import (
     complete_checkpoints,
     error_line,
     fault_environment,
-    logged_steps,
     start,
-    start_training,
-    wait_until,
 )
 from tests.helpers.paths import HELPERS, REPO
 from tests.helpers.ports import free_port
@@ -321,13 +317,11 @@ def test_ema_after_a_stop_and_resume_matches_an_uninterrupted_run(prepared_cars5
     straight = tmp_path / "straight"
     assert_ok(run_training(prepared_cars5, straight, *TINY, *EMA_RUN, env=fault_environment()))
 
-    stopped = tmp_path / "stopped"
-    run = start_training(prepared_cars5, stopped, *EMA_RUN, logs=tmp_path / "logs")
-    wait_until(lambda: max(logged_steps(stopped), default=0) >= 6, run, what="step 6")
-    run.process.send_signal(signal.SIGUSR1)
-    assert run.wait(timeout=120) == 143, run.stderr[-3000:]
+    stopped = tmp_path / "stopped"  # stopped right after step 6: several EMA updates are left to the resumed run
+    result = run_probe(prepared_cars5, stopped, tmp_path / "probe", *EMA_RUN, "--signal-at-step=SIGUSR1:6", num_processes=1)
+    assert result.returncode == 143, result.stderr[-3000:]
     stopped_at = complete_checkpoints(stopped)[-1]
-    assert stopped_at < 12, "the stop must leave several EMA updates to the resumed run"
+    assert stopped_at == 6
     result = run_training(prepared_cars5, stopped, *TINY, *EMA_RUN, env=fault_environment())
     assert_ok(result)
     assert f"resumed from {stopped / 'checkpoints' / f'step_{stopped_at}'} at step {stopped_at}" in result.stdout
