@@ -146,3 +146,14 @@ def test_default_upload_limit_is_20_mb():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert settings_from_arguments(parser.parse_args(["--checkpoint", "x"])).max_upload_bytes == 20 * MEGABYTE
+
+
+def test_small_load_with_bad_uploads_mixed_in(cars5_server, cars5_dir):
+    """`carbrand bench serve`'s load loop, bounded: 3 clients x 6 requests, every third one a bad upload."""
+    from carbrand.bench.serve_load import measure, photo_bytes
+
+    figures = measure(cars5_server.url, photo_bytes(cars5_dir / "test"), clients=3, requests=6, bad_every=3)
+    assert figures["good_requests"] == 12 and figures["bad_requests"] == 6
+    assert figures["failed_good_requests"] == 0
+    assert figures["bad_requests_without_4xx"] == 0
+    assert figures["latency_p50_ms"] <= figures["latency_p99_ms"]
