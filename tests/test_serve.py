@@ -1,6 +1,6 @@
 """`carbrand serve` over real HTTP on 127.0.0.1: predictions, model description, bad input, batching.
 
-One server (the session fixture cars5_server: the fitted cars5 export, 1 MB upload limit, 4 images
+One server (the session fixture cars5_server: the fitted cars5 export, 3 MB upload limit, 4 images
 per request, 100 ms batching wait) answers every test here.
 """
 
@@ -62,7 +62,7 @@ def test_health_model_and_page(cars5_server):
 
 def bad_uploads(tmp: Path, photo: Path) -> dict[str, tuple[dict, int, str, str]]:
     """name -> (ServiceClient.predict / request arguments, status, error code, text the message must contain)."""
-    big = FilePart("big.jpg", photo.read_bytes() + bytes(int(1.5 * MEGABYTE)))
+    big = FilePart("big.jpg", photo.read_bytes() + bytes(int(3.5 * MEGABYTE)))
     return {
         "not an image": ({"parts": [part(image_factory.write_text(tmp / "notes.jpg"))]}, 422, "not_an_image", "notes.jpg"),
         "truncated jpeg": ({"parts": [part(image_factory.write_truncated_jpeg(tmp / "cut.jpg", seed=1))]},
@@ -70,8 +70,8 @@ def bad_uploads(tmp: Path, photo: Path) -> dict[str, tuple[dict, int, str, str]]
         "empty file": ({"parts": [part(image_factory.write_zero_bytes(tmp / "empty.jpg"))]}, 422, "empty_file", "empty.jpg"),
         "decompression bomb": ({"parts": [part(image_factory.write_huge_header_png(tmp / "bomb.png"), content_type="image/png")]},
                                413, "too_many_pixels", "bomb.png"),
-        "over the limit": ({"parts": [big]}, 413, "upload_too_large", "limit of 1048576 bytes"),
-        "over the limit, chunked": ({"parts": [big], "chunked": True}, 413, "upload_too_large", "limit of 1048576 bytes"),
+        "over the limit": ({"parts": [big]}, 413, "upload_too_large", "limit of 3145728 bytes"),
+        "over the limit, chunked": ({"parts": [big], "chunked": True}, 413, "upload_too_large", "limit of 3145728 bytes"),
         "wrong part type": ({"parts": [part(photo, content_type="text/plain")]}, 415, "wrong_content_type", "text/plain"),
         "missing field": ({"parts": [part(photo, field="photo")]}, 400, "missing_field", "'images'"),
         "too many images": ({"parts": [part(photo)] * 5}, 413, "too_many_images", "4 images"),
@@ -107,9 +107,15 @@ def test_wrong_request_content_type_and_text_field(cars5_server, photos):
 
 
 def test_nothing_uploaded_is_written_to_disk(cars5_server, photos):
-    """Runs after the bad-upload tests (file order): the 1.5 MB uploads would have been spooled to TMPDIR."""
+    """A 2.5 MB upload (Starlette's form parser would spool it to a temporary file, even an unnamed one)
+    adds almost nothing to the bytes the server process has written (/proc/PID/io wchar: files and sockets)."""
     client = cars5_server.client()
-    assert client.predict([FilePart("big.jpg", photos[0].read_bytes() + bytes(900_000))]).status == 200
+    upload = FilePart("big.jpg", photos[0].read_bytes() + bytes(int(2.5 * MEGABYTE)))
+    before = cars5_server.bytes_written()
+    assert client.predict([upload]).status == 200
+    assert client.predict([upload, upload]).status == 413  # refused while streaming: 5 MB over the 3 MB limit
+    written = cars5_server.bytes_written() - before
+    assert written < 64 * 1024, f"the server wrote {written} bytes while receiving 7.5 MB of uploads"
     assert list(cars5_server.tmpdir.iterdir()) == []
 
 

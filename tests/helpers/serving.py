@@ -32,6 +32,11 @@ class RunningServer:
     def client(self):
         return self.service.client()
 
+    def bytes_written(self) -> int:
+        """Bytes the server process has passed to write()/send() so far: disk files, logs and sockets together."""
+        io_counters = Path(f"/proc/{self.process.pid}/io").read_text()
+        return int(next(line.split()[1] for line in io_counters.splitlines() if line.startswith("wchar:")))
+
 
 def run_folder_with_metrics(export: Path, into: Path, metrics: dict) -> Path:
     """RUN/best (a copy of `export`) with RUN/eval_test/metrics.json beside it, as `carbrand evaluate` leaves them."""
