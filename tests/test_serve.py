@@ -135,7 +135,7 @@ def test_concurrent_requests_share_forward_passes(cars5_server, photos):
 
 
 @pytest.mark.parametrize("arguments, code, text", [
-    (["--checkpoint", "{tmp}/missing"], 1, "checkpoint not found"),
+    (["--checkpoint", "{tmp}/missing", "--workers", "2"], 1, "checkpoint not found"),  # before any worker starts
     (["--checkpoint", "{tmp}", "--port", "0"], 2, "--port must be positive"),
     (["--checkpoint", "{tmp}", "--max-upload-mb", "0"], 2, "--max-upload-mb must be positive"),
 ])
