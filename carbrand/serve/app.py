@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from carbrand.export import CALIBRATION_FILE
 from carbrand.serve.batching import InferenceBatcher, InferenceTimeout, ServiceBusy
 from carbrand.serve.decoding import decode_uploads
 from carbrand.serve.settings import ServeSettings, settings_from_environment
@@ -39,7 +40,10 @@ def app_from_environment() -> FastAPI:
     from carbrand.predict import Predictor
 
     settings = settings_from_environment()
-    predictor = Predictor.from_checkpoint(settings.checkpoint, device=settings.device)
+    # An export that `carbrand calibrate` calibrated answers "unknown" below its stored threshold, as predict
+    # --min-confidence auto does; the Predictor that reads calibration.json comes with it (issue 14).
+    calibrated = {"min_confidence": "auto"} if (Path(settings.checkpoint) / CALIBRATION_FILE).is_file() else {}
+    predictor = Predictor.from_checkpoint(settings.checkpoint, device=settings.device, **calibrated)
     return create_app(settings, predictor)
 
 
@@ -141,6 +145,7 @@ def model_description(settings: ServeSettings, predictor) -> dict:
         "image_size": predictor.image_size,
         "device": str(predictor.device),
         "test_metrics": test_metrics(checkpoint),
+        "calibration": calibration(checkpoint),
         "batching": {"enabled": settings.batching.enabled, "max_batch_images": settings.batching.max_batch_images,
                      "max_wait_ms": settings.batching.max_wait_s * 1000},
         "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_images": settings.max_images},
@@ -152,6 +157,14 @@ def predictor_architecture(checkpoint: Path) -> str:
     from carbrand.config import config_from_dict, safe_yaml_load
 
     return config_from_dict(safe_yaml_load((checkpoint / "config.yaml").read_text()) or {}).model.arch
+
+
+def calibration(checkpoint: Path) -> dict | None:
+    """best/calibration.json as written (temperature, unknown threshold), or None for an uncalibrated export."""
+    try:
+        return json.loads((checkpoint / CALIBRATION_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def test_metrics(checkpoint: Path) -> dict | None:
