@@ -166,7 +166,7 @@ def test_learning_rate_scales_with_the_global_batch_warms_up_then_follows_a_cosi
         assert record.lr_by_part["backbone"] == pytest.approx([expected] * 2, rel=1e-9, abs=0), record.step
 
 
-def test_norms_and_biases_get_no_weight_decay(watched_run, fresh_accelerate_state):
+def test_norms_and_biases_get_no_weight_decay(watched_run):
     from carbrand.model import build_model
 
     model = build_model("resnet18", 5)
@@ -196,7 +196,7 @@ def test_ema_averages_the_weights_and_buffers_at_every_step(watched_run):
         assert torch.equal(steps[0].ema[name], steps[0].live[name])  # the first update starts from the weights
         for before, now in zip(steps, steps[1:]):
             expected = EMA_DECAY * before.ema[name] + (1 - EMA_DECAY) * now.live[name]
-            torch.testing.assert_close(now.ema[name], expected, rtol=1e-5, atol=1e-7, msg=f"{name} at step {now.step}")
+            torch.testing.assert_close(now.ema[name], expected, rtol=1e-5, atol=1e-6, msg=f"{name} at step {now.step}")
         assert not torch.equal(steps[-1].ema[name], steps[-1].live[name]), f"the EMA of {name} does not lag"
 
 
