@@ -245,8 +245,8 @@ def test_topology_passes_the_jobs_cpus_per_task_on_to_srun(tmp_path):
     ({"SLURM_CPUS_PER_TASK": "12", "NPROC_PER_NODE": "3"}, "4"),
     ({"SLURM_CPUS_PER_TASK": "7", "NPROC_PER_NODE": "2"}, "3"),  # whole threads: rounded down
     ({"SLURM_CPUS_PER_TASK": "2", "NPROC_PER_NODE": "4"}, "1"),  # never below one
-    ({"SLURM_CPUS_PER_TASK": "16", "SLURM_GPUS_ON_NODE": "4"}, "4"),  # one process per GPU
-], ids=["12-cpus-3-processes", "7-cpus-2-processes", "2-cpus-4-processes", "16-cpus-4-gpus"])
+    ({"SLURM_CPUS_PER_TASK": "24", "SLURM_GPUS_ON_NODE": "4"}, "6"),  # one process per GPU
+], ids=["12-cpus-3-processes", "7-cpus-2-processes", "2-cpus-4-processes", "24-cpus-4-gpus"])
 def test_omp_threads_are_the_cpus_per_task_shared_by_the_nodes_processes(tmp_path, variables, threads):
     topology = resolve_topology(tmp_path, **variables)
     assert topology["OMP_NUM_THREADS"] == threads, topology
