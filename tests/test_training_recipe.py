@@ -100,7 +100,17 @@ def watch(monkeypatch: pytest.MonkeyPatch, watched: WatchedRun) -> None:
 
 
 @pytest.fixture(scope="module")
-def watched_run(prepared_cars5, tmp_path_factory) -> WatchedRun:
+def one_torch_thread():
+    """One intra-op thread, as the subprocess tests get through OMP_NUM_THREADS=1: on a shared 2-core machine
+    torch's pool spins while it waits (measured here under load: 324 s for this file with 2 threads, 42 s with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def watched_run(prepared_cars5, tmp_path_factory, one_torch_thread) -> WatchedRun:
     from accelerate.state import AcceleratorState
 
     from carbrand.config import load_config
@@ -234,7 +244,7 @@ def update_of(after: dict[str, torch.Tensor], before: dict[str, torch.Tensor]) -
 
 
 def test_accumulated_micro_batches_give_the_update_of_one_large_batch_and_clipping_bounds_the_norm(
-        tmp_path, fresh_accelerate_state):
+        tmp_path, fresh_accelerate_state, one_torch_thread):
     from carbrand.model import build_model
 
     torch.manual_seed(0)
