@@ -4,6 +4,8 @@
     carbrand train --config FILE [k=v ...]   carbrand.train
     carbrand evaluate --checkpoint DIR ...   carbrand.evaluate
     carbrand predict --checkpoint DIR PATH   carbrand.predict
+    carbrand calibrate --checkpoint DIR ...  carbrand.calibrate
+    carbrand explain --checkpoint DIR PHOTO  carbrand.explain
     carbrand demo                            carbrand.demo.command
     carbrand bench data|train ...            carbrand.bench.command
 
@@ -24,6 +26,8 @@ COMMANDS = {
     "train": ("carbrand.train", "train a brand classifier (use `accelerate launch` for several processes)"),
     "evaluate": ("carbrand.evaluate", "test-set metrics of an exported model"),
     "predict": ("carbrand.predict", "which brand is this? top-k brands for image files or folders"),
+    "calibrate": ("carbrand.calibrate", "fit the temperature and the 'unknown' threshold of an export (calibration.json)"),
+    "explain": ("carbrand.explain", "Grad-CAM overlays: where in each photo the model saw its brand"),
     "bench": ("carbrand.bench.command", "measure loader and training throughput (images/s, JSON)"),
     "demo": ("carbrand.demo.command", "generate a demo dataset, then prepare, train, evaluate and predict on it"),
 }
