@@ -188,7 +188,7 @@ def predictions_csv(scored: list[ScoredSample], classes: list[str]) -> str:
             "" if math.isnan(r.true_probability) else f"{r.true_probability:.6f}",
             json.dumps([classes[label] for label in r.topk], ensure_ascii=False),
             json.dumps([round(p, 6) for p in r.topk_probabilities]),
-            f"{r.calibrated_confidence:.6f}", "unknown" if s.rejected else classes[r.predicted],
+            f"{r.calibrated_confidence:.10f}", "unknown" if s.rejected else classes[r.predicted],
         ])
     return _csv(["index", "path", "true_brand", "known", "predicted_brand", "confidence", "true_brand_probability",
                  "topk_brands", "topk_probabilities", "calibrated_confidence", "answer"], rows)
