@@ -288,7 +288,7 @@ def report_results(args, export, samples, targets: list[int], gathered: list, ou
                                   target=targets[r.index], record=r,
                                   rejected=threshold is not None and r.calibrated_confidence < threshold) for r in gathered]
     metrics = confidence_metrics(args, export, scored, top_k, how, confidence)
-    gallery = build_gallery(scored, export.classes, args.gallery, confidence.explain) if args.gallery else []
+    gallery = build_gallery(report.mistakes(scored), export.classes, args.gallery, confidence.explain) if args.gallery else []
     metrics["seconds"] = round(time.perf_counter() - started, 3)
     report.write_outputs(out, metrics, scored, export.classes, gallery)
     print(report.format_summary(metrics))

@@ -48,18 +48,18 @@ def jpeg(image: Image.Image, quality: int = 85) -> bytes:
     return buffer.getvalue()
 
 
-def build_gallery(scored: list, classes: list[str], per_brand: int,
+def build_gallery(mistakes: list, classes: list[str], per_brand: int,
                   explain: Callable[[Image.Image, int], Any] | None) -> list[GalleryBrand]:
-    """Each true brand's most confident mistakes (ScoredSample), with thumbnails and Grad-CAM overlays.
+    """Each true brand's most confident mistakes (ScoredSample, the most confident first), with thumbnails and
+    Grad-CAM overlays.
 
     `explain(photo, label)` returns a gradcam.Explanation (None: thumbnails only).
     """
     from carbrand.data.images import load_rgb
-    from carbrand.evaluation_report import mistakes
     from carbrand.gradcam import overlay
 
     by_brand: dict[str, list] = {}
-    for sample in mistakes(scored):
+    for sample in mistakes:
         by_brand.setdefault(sample.true_brand, []).append(sample)
     gallery = []
     for brand in sorted(by_brand, key=lambda b: (-len(by_brand[b]), b)):

@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
             errors.append({"path": str(path), "error": str(error).removeprefix(f"{path}: ")})
     predictions = predictor.predict_crops(crops, sources, topk=args.topk, batch_size=args.batch_size)
     if args.explain is not None:
-        from carbrand.explain import write_overlays
+        from carbrand.overlays import write_overlays
 
         overlays, failed = write_overlays(predictor, [Path(s) for s in sources], args.explain)
         for prediction, overlay_path in zip(predictions, overlays):
