@@ -89,7 +89,11 @@ def calibrated_run(fitted_cars5_export: Path, prepared_cars5: Path, tmp_path_fac
     first = (export / "calibration.json").read_text()
     assert run_command("calibrate", "--checkpoint", export, "--data", prepared_cars5) == 0
     out = root / "eval_test"
-    assert run_command("evaluate", "--checkpoint", export, "--data", prepared_cars5, "--split", "test", "--out", out) == 0
+    with pytest.MonkeyPatch.context() as environment:
+        environment.delenv("WANDB_MODE", raising=False)
+        environment.setenv("WANDB_SILENT", "true")
+        assert run_command("evaluate", "--checkpoint", export, "--data", prepared_cars5, "--split", "test", "--out", out,
+                           "--wandb-mode", "offline") == 0
     return {"export": export, "first_fit": first, "out": out, "metrics": json.loads((out / "metrics.json").read_text())}
 
 
@@ -108,6 +112,21 @@ def test_calibration_json_reproduces_and_halves_the_test_ece(calibrated_run):
     assert [r["answer"] for r in below] == ["unknown"] * len(below)
     assert metrics["rejected_share"] == pytest.approx(len(below) / len(rows))
     assert (calibrated_run["out"] / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wandb_gets_the_reliability_diagram_the_calibrated_metrics_and_the_gallery(calibrated_run):
+    from tests.helpers.wandb_records import read_history, read_records
+
+    (log,) = (calibrated_run["out"] / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = {"/".join(key.split("/")[:2]) for row in read_history(log) for key in row}  # images and tables nest
+    assert {"eval/reliability", "eval/gallery", "eval/confusion_matrix"} <= logged, logged
+    summary = {}
+    for record in read_records(log):
+        if record.WhichOneof("record_type") == "summary":
+            summary |= {"/".join(i.nested_key) if i.nested_key else i.key: json.loads(i.value_json) for i in record.summary.update}
+    metrics = calibrated_run["metrics"]
+    for key in ("expected_calibration_error_calibrated", "nll_calibrated", "temperature", "rejected_share"):
+        assert summary[f"eval/{key}"] == pytest.approx(metrics[key]), key
 
 
 def test_report_renders_in_chromium_with_every_image_loaded(calibrated_run):
