@@ -120,6 +120,8 @@ def test_wandb_gets_the_reliability_diagram_the_calibrated_metrics_and_the_galle
     (log,) = (calibrated_run["out"] / "wandb").glob("offline-run-*/run-*.wandb")
     logged = {"/".join(key.split("/")[:2]) for row in read_history(log) for key in row}  # images and tables nest
     assert {"eval/reliability", "eval/gallery", "eval/confusion_matrix"} <= logged, logged
+    (rows,) = [row["eval/gallery/nrows"] for row in read_history(log) if "eval/gallery/nrows" in row]
+    assert rows >= 5  # the worst mistakes of every brand, each with its photo and Grad-CAM overlay
     summary = {}
     for record in read_records(log):
         if record.WhichOneof("record_type") == "summary":
