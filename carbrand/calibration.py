@@ -48,12 +48,10 @@ class Calibration:
     ece_before: float = math.nan
     ece_after: float = math.nan
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return calibrated_probabilities(logits, self.temperature)
-
 
 def calibrated_probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return (logits.double() / temperature).softmax(dim=1).to(logits.dtype if logits.is_floating_point() else torch.float32)
+    """float64 softmax(logits / temperature) over dim 1: what predict, evaluate (and exports) answer with."""
+    return (logits.double() / temperature).softmax(dim=1)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -109,7 +107,7 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, keep_share: floa
     """Temperature, threshold and the before/after figures on (logits, labels) of known-brand photos."""
     logits, labels = logits.double().cpu(), labels.long().cpu()
     temperature = fit_temperature(logits, labels)
-    after = (logits / temperature).softmax(dim=1)
+    after = calibrated_probabilities(logits, temperature)
     return Calibration(
         temperature=temperature,
         threshold=known_share_threshold(after.max(dim=1).values, keep_share),

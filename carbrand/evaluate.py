@@ -332,7 +332,9 @@ def shard_records(predictions, targets: list[int], top_k: int, temperature: floa
 
     top = predictions.probabilities.topk(top_k, dim=1)
     confidence, predicted = top.values[:, 0], top.indices[:, 0]
-    calibrated = (predictions.logits.double() / temperature).softmax(dim=1)
+    from carbrand.calibration import calibrated_probabilities
+
+    calibrated = calibrated_probabilities(predictions.logits, temperature)
     records = []
     for row, index in enumerate(predictions.indices.tolist()):
         target = targets[index]

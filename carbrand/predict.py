@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from carbrand.calibration import Calibration, load_calibration, resolve_min_confidence
+from carbrand.calibration import Calibration, calibrated_probabilities, load_calibration, resolve_min_confidence
 from carbrand.checkpoint import load_export_model
 from carbrand.config import Config
 from carbrand.data.images import Normalizer, load_rgb, upright_rgb
@@ -162,7 +162,7 @@ class Predictor:
         for start in range(0, len(crops), batch_size):
             images = self.normalize(torch.stack(crops[start:start + batch_size]))  # as the eval loaders normalise
             logits, probabilities = classify(self.model, images, precision=self.precision)
-            calibrated = (logits.double() / self.temperature).softmax(dim=1)
+            calibrated = calibrated_probabilities(logits, self.temperature)
             top = calibrated.topk(topk, dim=1)
             for row, source in enumerate(sources[start:start + batch_size]):
                 ranked = [BrandProbability(self.classes[label], float(probability), float(probabilities[row, label]))
