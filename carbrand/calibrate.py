@@ -8,7 +8,8 @@ Training does the same when it ends (best/ and the val split). Each process pred
 of the split; the logits of every image are gathered to every process in sample order, each
 process fits, the fits are compared (they must agree bit for bit: same numbers, same float64
 arithmetic), and the main process's value is broadcast and written. Images of brands the model
-does not know are left out. See calibration.py for the threshold rule.
+does not know are left out. See calibration.py for the threshold rule. Every process reads the
+export from disk, so on several nodes the run directory must be shared (as resuming already needs).
 """
 
 from __future__ import annotations
