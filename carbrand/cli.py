@@ -6,6 +6,8 @@
     carbrand predict --checkpoint DIR PATH   carbrand.predict
     carbrand export --checkpoint DIR ...     carbrand.export
     carbrand serve --checkpoint DIR          carbrand.serve.command
+    carbrand calibrate --checkpoint DIR ...  carbrand.calibrate
+    carbrand explain --checkpoint DIR PHOTO  carbrand.explain
     carbrand demo                            carbrand.demo.command
     carbrand bench data|train ...            carbrand.bench.command
 
@@ -28,6 +30,8 @@ COMMANDS = {
     "predict": ("carbrand.predict", "which brand is this? top-k brands for image files or folders"),
     "export": ("carbrand.export", "write the model as ONNX or TorchScript with its input contract"),
     "serve": ("carbrand.serve.command", "an HTTP service and web page that answer which brand a photo shows"),
+    "calibrate": ("carbrand.calibrate", "fit the temperature and the 'unknown' threshold of an export (calibration.json)"),
+    "explain": ("carbrand.explain", "Grad-CAM overlays: where in each photo the model saw its brand"),
     "bench": ("carbrand.bench.command", "measure loader and training throughput (images/s, JSON)"),
     "demo": ("carbrand.demo.command", "generate a demo dataset, then prepare, train, evaluate and predict on it"),
 }

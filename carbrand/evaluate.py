@@ -11,12 +11,22 @@ images to the others. Each process predicts its shard (samples rank, rank + worl
 gathers one small record per image, checks that every image was counted exactly once,
 and writes OUT (default: next to the checkpoint, RUN/eval_<split> for RUN/best and
 RUN/.../eval_<name>_<split> for any other export): metrics.json, per_class.csv,
-confusion_matrix.png, misclassified.csv, predictions.csv (see evaluation_report.py).
+confusion_matrix.png, misclassified.csv, predictions.csv, reliability.png and report.html
+(see evaluation_report.py).
+
+Confidence: when the export holds calibration.json (`carbrand calibrate`, or the end of
+training), probabilities are also scored after temperature scaling (ECE and NLL before and
+after, reliability.png), and a photo whose calibrated top-1 probability is below
+--min-confidence (default: the stored threshold) counts as answered "unknown"
+(rejected_share, accepted_accuracy). report.html's gallery shows each brand's worst
+mistakes with the Grad-CAM overlay of the brand answered (--gallery N per brand).
 
 Brands are matched by name between the dataset's classes.json and the export's. A split
 holding only some of the model's brands is fine; a brand the model does not know is an
 error, or with `--unknown-brands report` its images are reported apart (how many, what
-the model called them) and left out of the metrics.
+the model called them) and left out of the metrics; metrics.json's `open_set` then says how
+well the calibrated top-1 probability tells them from known brands (AUROC) and what share of
+them the threshold answers "unknown".
 """
 
 from __future__ import annotations
@@ -64,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta-flip", action="store_true", help="average the softmax of each image and its mirror image")
     parser.add_argument("--unknown-brands", choices=UNKNOWN_BRAND_MODES, default="error",
                         help="a split brand the model does not know: error (default) or report its images apart, outside the metrics")
+    parser.add_argument("--min-confidence", default=None, metavar="auto|P",
+                        help="count an answer below this calibrated top-1 probability as 'unknown' "
+                             "(default: the threshold in the export's calibration.json, if any)")
+    parser.add_argument("--gallery", type=int, default=3, metavar="N",
+                        help="report.html: the N most confident mistakes of each brand, with Grad-CAM overlays (default: 3; 0: none)")
     parser.add_argument("--wandb-mode", choices=("online", "offline", "disabled"), default=None,
                         help="W&B mode (default: the export's wandb.mode; WANDB_MODE overrides)")
 
@@ -81,6 +96,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--workers must be >= 0; got {args.workers}")
     if args.topk < 1:
         raise UsageError(f"--topk must be at least 1; got {args.topk}")
+    if args.gallery < 0:
+        raise UsageError(f"--gallery must be >= 0; got {args.gallery}")
     if not args.data.exists():
         raise DataError(f"data not found: {args.data}")
     if not args.data.is_dir():
@@ -141,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     check_arguments(args)
     model, export = load_export_model(args.checkpoint)
+    confidence = confidence_settings(args.checkpoint, args.min_confidence)
     out = (args.out or default_out_dir(args.checkpoint, args.split)).resolve()
     if out == export.directory.resolve():
         raise UsageError(f"--out {out} is the checkpoint itself: choose another directory")
@@ -177,14 +195,15 @@ def run(args: argparse.Namespace) -> int:
         predictions = predict_batches(model, loader, num_classes=len(export.classes), precision=precision, tta_flip=args.tta_flip)
         assert len(predictions) == loader.num_samples, f"rank {accelerator.process_index} predicted {len(predictions)} of {loader.num_samples} samples"
 
-        records = shard_records(predictions, targets, top_k)
+        records = shard_records(predictions, targets, top_k, confidence.temperature)
         gathered = gather_object(records)  # every rank's records, in rank order, on every rank
         if accelerator.is_main_process:
             how = {"data_kind": data_kind, "split": args.split, "split_samples": len(samples),
                    "world_size": accelerator.num_processes, "loader": backend.loader, "decode": backend.decode,
                    "precision": precision, "tta_flip": args.tta_flip, "batch_size": data_config.batch_size,
                    "arch": export.config.model.arch, "image_size": data_config.image_size}
-            tracker = report_results(args, export, samples, targets, gathered, out, top_k, started, how)
+            confidence.explain = gallery_explainer(model, export.config)
+            tracker = report_results(args, export, samples, targets, gathered, out, top_k, started, how, confidence)
         accelerator.wait_for_everyone()
         accelerator.end_training()  # destroys the process group
     finally:
@@ -223,55 +242,108 @@ def open_split_on_main(accelerator, data: Path, split: str, workers: int | None)
     return outcome[0]
 
 
+@dataclasses.dataclass
+class ConfidenceSettings:
+    temperature: float  # 1.0 without calibration.json
+    threshold: float | None  # calibrated top-1 probability below which the answer is "unknown"
+    calibrated: bool
+    explain: object = None  # (photo, label) -> gradcam.Explanation, for report.html's gallery (main process)
+
+
+def confidence_settings(checkpoint: Path, min_confidence: str | None) -> ConfidenceSettings:
+    from carbrand.calibration import load_calibration, resolve_min_confidence
+
+    calibration = load_calibration(checkpoint)
+    if min_confidence is None:
+        threshold = calibration.threshold if calibration is not None else None
+    else:
+        threshold = resolve_min_confidence(min_confidence, calibration, checkpoint)
+    return ConfidenceSettings(temperature=calibration.temperature if calibration else 1.0, threshold=threshold,
+                              calibrated=calibration is not None)
+
+
+def gallery_explainer(model, config):
+    """Grad-CAM in the eval geometry with the evaluated model, wherever it is placed."""
+    from carbrand.gradcam import explain
+
+    return lambda photo, label: explain(model, photo, image_size=config.data.image_size,
+                                        crop_fraction=config.data.eval_crop_fraction, label=label,
+                                        channels_last=config.train.channels_last)
+
+
 def report_results(args, export, samples, targets: list[int], gathered: list, out: Path, top_k: int, started: float,
-                   how: dict):
+                   how: dict, confidence: ConfidenceSettings):
     """Main process: check every image was counted once, compute the metrics, write OUT, log to W&B.
 
     `how` (split, loader, precision, ...) heads metrics.json. Returns the W&B tracker (to finish), or None.
     """
     from carbrand import evaluation_report as report
+    from carbrand.html_report import build_gallery
 
     indices = sorted(r.index for r in gathered)
     assert indices == list(range(len(samples))), (
         f"gathered {len(indices)} records for {len(samples)} samples: some image was dropped or counted twice")
+    threshold = confidence.threshold
     scored = [report.ScoredSample(path=str(samples[r.index].path), true_brand=samples[r.index].brand,
-                                  target=targets[r.index], record=r) for r in gathered]
-    metrics, _ = report.build_metrics(scored, export.classes, top_k)
-    metrics = {
-        "checkpoint": str(export.directory.resolve()),
-        "data": str(args.data.resolve()),
-        **how,
-        **metrics,
-        "unknown_brands": report.unknown_brand_report(scored, export.classes),
-    }
+                                  target=targets[r.index], record=r,
+                                  rejected=threshold is not None and r.calibrated_confidence < threshold) for r in gathered]
+    metrics = confidence_metrics(args, export, scored, top_k, how, confidence)
+    gallery = build_gallery(report.mistakes(scored), export.classes, args.gallery, confidence.explain) if args.gallery else []
     metrics["seconds"] = round(time.perf_counter() - started, 3)
-    report.write_outputs(out, metrics, scored, export.classes)
+    report.write_outputs(out, metrics, scored, export.classes, gallery)
     print(report.format_summary(metrics))
     print(f"wrote {out}")
     tracker = None
     try:  # the results are on disk already: W&B trouble is a warning, never a failed evaluation
         tracker = start_tracker(out, export.config, args.wandb_mode)
         if tracker is not None:
-            report.log_to_wandb(tracker, metrics, out, scored, export.classes)
+            report.log_to_wandb(tracker, metrics, out, scored, export.classes, gallery)
     except Exception as error:
         print(f"carbrand evaluate: warning: W&B logging failed ({type(error).__name__}: {error}); "
               f"the results are in {out}", file=sys.stderr)
     return tracker
 
 
-def shard_records(predictions, targets: list[int], top_k: int) -> list:
+def confidence_metrics(args, export, scored: list, top_k: int, how: dict, confidence: ConfidenceSettings) -> dict:
+    """metrics.json: the evaluator's metrics, then calibration before/after, "unknown" answers and the open set."""
+    from carbrand import calibration_report as C
+    from carbrand import evaluation_report as report
+
+    known = [s for s in scored if s.target >= 0]
+    metrics, _ = report.build_metrics(scored, export.classes, top_k)
+    metrics = {
+        "checkpoint": str(export.directory.resolve()),
+        "data": str(args.data.resolve()),
+        **how,
+        **metrics,
+        **C.calibration_metrics(known, confidence.temperature, confidence.calibrated),
+        **C.rejection_metrics(known, confidence.threshold),
+        "unknown_brands": report.unknown_brand_report(scored, export.classes),
+    }
+    open_set = C.open_set_metrics(scored, confidence.threshold)
+    if open_set is not None:
+        metrics["open_set"] = open_set
+    return metrics
+
+
+def shard_records(predictions, targets: list[int], top_k: int, temperature: float = 1.0) -> list:
     """One picklable record per image of this rank's shard (a few numbers, never the full probability vector)."""
     from carbrand.evaluation_report import SampleRecord
 
     top = predictions.probabilities.topk(top_k, dim=1)
     confidence, predicted = top.values[:, 0], top.indices[:, 0]
+    from carbrand.calibration import calibrated_probabilities
+
+    calibrated = calibrated_probabilities(predictions.logits, temperature)
     records = []
     for row, index in enumerate(predictions.indices.tolist()):
         target = targets[index]
         true_probability = float(predictions.probabilities[row, target]) if target >= 0 else math.nan
         records.append(SampleRecord(index=index, predicted=int(predicted[row]), confidence=float(confidence[row]),
                                     true_probability=true_probability, topk=tuple(top.indices[row].tolist()),
-                                    topk_probabilities=tuple(top.values[row].tolist())))
+                                    topk_probabilities=tuple(top.values[row].tolist()),
+                                    calibrated_confidence=float(calibrated[row, int(predicted[row])]),
+                                    calibrated_true_probability=float(calibrated[row, target]) if target >= 0 else math.nan))
     return records
 
 

@@ -4,7 +4,9 @@
     OUT/per_class.csv         brand, precision, recall, f1, support, predicted
     OUT/confusion_matrix.png  brand names on both axes, counts in the cells, colour = row share
     OUT/misclassified.csv     path, true brand, predicted brand, confidence (most confident mistakes first)
-    OUT/predictions.csv       every scored sample: its prediction, confidence and top-k brands
+    OUT/predictions.csv       every scored sample: its prediction, confidence (also calibrated), top-k brands, answer
+    OUT/reliability.png       reliability diagram before and after temperature scaling (calibration_report.py)
+    OUT/report.html           one self-contained page to look at (html_report.py)
 
 The whole directory is written under a temporary name and renamed when complete, so an
 error mid-way leaves the previous result (or nothing), never half of one.
@@ -45,6 +47,8 @@ class SampleRecord:
     true_probability: float  # probability given to the true brand (nan when the model does not know it)
     topk: tuple[int, ...]  # model labels, most probable first
     topk_probabilities: tuple[float, ...]
+    calibrated_confidence: float = math.nan  # top-1 probability of softmax(logits / temperature)
+    calibrated_true_probability: float = math.nan
 
 
 @dataclass
@@ -55,6 +59,7 @@ class ScoredSample:
     true_brand: str
     target: int  # model label of the true brand, -1 when the model does not know the brand
     record: SampleRecord
+    rejected: bool = False  # answered "unknown": calibrated confidence below --min-confidence
 
 
 def build_metrics(scored: list[ScoredSample], classes: list[str], top_k: int) -> tuple[dict[str, Any], torch.Tensor]:
@@ -128,8 +133,12 @@ def mistakes(scored: list[ScoredSample]) -> list[ScoredSample]:
     return sorted(wrong, key=lambda s: (-s.record.confidence, s.record.index))
 
 
-def write_outputs(out: Path, metrics: dict[str, Any], scored: list[ScoredSample], classes: list[str]) -> Path:
+def write_outputs(out: Path, metrics: dict[str, Any], scored: list[ScoredSample], classes: list[str],
+                  gallery: list | None = None) -> Path:
     """Write every output file into `out` atomically (temporary directory, then rename)."""
+    from carbrand.calibration_report import plot_reliability
+    from carbrand.html_report import write_report
+
     check_output_directory(out)
 
     def write(into: Path) -> None:
@@ -140,6 +149,10 @@ def write_outputs(out: Path, metrics: dict[str, Any], scored: list[ScoredSample]
         matrix = metrics["confusion_matrix"]
         plot_confusion_matrix(matrix["counts"], matrix["brands"], into / "confusion_matrix.png",
                               title=f"{metrics.get('split', '')} split: accuracy {metrics['accuracy']:.3f}, {metrics['samples']} images")
+        plot_reliability(metrics["calibration"], metrics["calibration_calibrated"], into / "reliability.png",
+                         metrics["expected_calibration_error"], metrics["expected_calibration_error_calibrated"],
+                         metrics["temperature"])
+        write_report(into / "report.html", metrics, into, gallery or [])
 
     return write_directory_atomically(out, write)  # removes its temporary on any failure
 
@@ -175,9 +188,10 @@ def predictions_csv(scored: list[ScoredSample], classes: list[str]) -> str:
             "" if math.isnan(r.true_probability) else f"{r.true_probability:.6f}",
             json.dumps([classes[label] for label in r.topk], ensure_ascii=False),
             json.dumps([round(p, 6) for p in r.topk_probabilities]),
+            f"{r.calibrated_confidence:.10f}", "unknown" if s.rejected else classes[r.predicted],
         ])
     return _csv(["index", "path", "true_brand", "known", "predicted_brand", "confidence", "true_brand_probability",
-                 "topk_brands", "topk_probabilities"], rows)
+                 "topk_brands", "topk_probabilities", "calibrated_confidence", "answer"], rows)
 
 
 def _csv(header: list[str], rows: list[list[Any]]) -> str:
@@ -261,22 +275,35 @@ def format_summary(metrics: dict[str, Any]) -> str:
         for brand, entry in unknown["brands"].items():
             called = ", ".join(f"{name} {count}" for name, count in entry["predicted"].items())
             lines.append(f"not scored: {entry['samples']} images of brand '{brand}' the model does not know (predicted as: {called})")
+    if "temperature" in metrics:
+        from carbrand.calibration_report import format_summary_lines
+
+        lines += format_summary_lines(metrics)
     if metrics.get("model_brands_not_in_data"):
         lines.append(f"model brands absent from this split: {', '.join(metrics['model_brands_not_in_data'])}")
     return "\n".join(lines)
 
 
-def log_to_wandb(tracker, metrics: dict[str, Any], out: Path, scored: list[ScoredSample], classes: list[str]) -> None:
-    """Metrics as the run summary, the confusion picture, a per-brand table, the worst mistakes with images."""
+def log_to_wandb(tracker, metrics: dict[str, Any], out: Path, scored: list[ScoredSample], classes: list[str],
+                 gallery: list | None = None) -> None:
+    """Metrics as the run summary (calibrated ones and the open set too), the confusion and reliability pictures,
+    a per-brand table, the worst mistakes with images, the per-brand gallery with its Grad-CAM overlays."""
     if tracker.run is None:
         return
     import wandb
 
     scalars = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    scalars |= {f"eval/open_set/{k}": v for k, v in (metrics.get("open_set") or {}).items() if isinstance(v, (int, float))}
     tracker.summary(scalars)
     tracker.log_image("eval/confusion_matrix", out / "confusion_matrix.png")
+    tracker.log_image("eval/reliability", out / "reliability.png")
     tracker.log_table("eval/per_class", ["brand", "precision", "recall", "f1", "support", "predicted"],
                       [[b, v["precision"], v["recall"], v["f1"], v["support"], v["predicted"]] for b, v in metrics["per_class"].items()])
     rows = [[wandb.Image(s.path), s.path, s.true_brand, classes[s.record.predicted], s.record.confidence, s.record.true_probability]
             for s in mistakes(scored)[:WORST_MISTAKES]]
     tracker.log_table("eval/worst_mistakes", ["image", "path", "true_brand", "predicted_brand", "confidence", "true_brand_probability"], rows)
+    if gallery:
+        from carbrand.html_report import wandb_gallery_rows
+
+        tracker.log_table("eval/gallery", ["photo", "grad_cam", "path", "true_brand", "predicted_brand", "confidence",
+                                           "calibrated_confidence"], wandb_gallery_rows(gallery))

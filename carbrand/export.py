@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from carbrand.calibration import CALIBRATION_FILE  # written into best/ by training or `carbrand calibrate`, copied as is
 from carbrand.checkpoint import load_export_model
 from carbrand.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
 from carbrand.errors import CarbrandError, UsageError, first_line
@@ -32,7 +33,6 @@ from carbrand.filesystem import write_directory_atomically
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 CONTRACT_FILE = "contract.json"
-CALIBRATION_FILE = "calibration.json"  # written into best/ by `carbrand calibrate`, copied as it is
 ONNX_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 TRACE_BATCH = 2  # any batch size works afterwards; 2 keeps BatchNorm and flatten off a batch-1 special case

@@ -74,6 +74,20 @@ def write_text_atomically(path: Path, text: str) -> None:
         raise
 
 
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """write_text_atomically for bytes (images)."""
+    temporary = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        with temporary.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 def check_run_dir_writable(run_dir: Path) -> None:
     """Fail now, not after hours of training, if checkpoints cannot be written (create, fsync, remove a file)."""
     try:

@@ -101,3 +101,22 @@ def expected_calibration_error(confidences: torch.Tensor, correct: torch.Tensor,
         return 0.0
     bins = calibration_bins(confidences, correct, num_bins)
     return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins))
+
+
+def auroc(positive_scores: torch.Tensor, negative_scores: torch.Tensor) -> float:
+    """Area under the ROC curve: P(a positive scores above a negative), ties counting one half (Mann-Whitney U)."""
+    positive, negative = positive_scores.double().cpu().flatten(), negative_scores.double().cpu().flatten()
+    if len(positive) == 0 or len(negative) == 0:
+        return float("nan")
+    scores = torch.cat([positive, negative])
+    # average ranks (1-based) of tied scores
+    order = scores.argsort()
+    sorted_scores = scores[order]
+    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    average_rank = ends - (counts.double() - 1) / 2
+    ranks = torch.empty_like(scores)
+    ranks[order] = average_rank[inverse]
+    n_positive, n_negative = len(positive), len(negative)
+    u = ranks[:n_positive].sum() - n_positive * (n_positive + 1) / 2
+    return float(u / (n_positive * n_negative))

@@ -8,6 +8,14 @@
     from carbrand.predict import Predictor
     predictor = Predictor.from_checkpoint("runs/cars/best")
     best = predictor.predict(["photo.jpg"], topk=3)[0]    # best.brand, best.probability, best.topk
+    carbrand predict --checkpoint runs/cars/best photo.jpg --min-confidence auto   # "unknown" below the stored threshold
+    carbrand predict --checkpoint runs/cars/best photos/ --explain overlays/       # + a Grad-CAM overlay per photo
+
+Probabilities are calibrated when the export holds calibration.json (`carbrand calibrate`, or
+the end of training): softmax(logits / temperature). With --min-confidence auto (the threshold
+stored there) or a number, a photo whose calibrated top-1 probability is below it is answered
+"unknown": the model is not sure it is any brand it knows. Without it, the top-1 brand is
+always the answer.
 
 Preprocessing is the evaluator's torchvision path (torch_loader.eval_transform): EXIF
 orientation applied, the centre crop of image_size / eval_crop_fraction resized to
@@ -27,12 +35,15 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from carbrand.calibration import Calibration, calibrated_probabilities, load_calibration, resolve_min_confidence
 from carbrand.checkpoint import load_export_model
 from carbrand.config import Config
 from carbrand.data.images import Normalizer, load_rgb, upright_rgb
 from carbrand.prepare.formats import IMAGE_EXTENSIONS
 from carbrand.data.torch_loader import eval_transform
 from carbrand.errors import DataError, UsageError
+from carbrand.filesystem import write_bytes_atomically
+from carbrand.gradcam import Explanation, explain, overlay, png_bytes
 from carbrand.inference import PRECISIONS, classify, place_model, resolve_precision
 
 DEFAULT_BATCH_SIZE = 32
@@ -41,24 +52,41 @@ DEFAULT_BATCH_SIZE = 32
 @dataclass(frozen=True)
 class BrandProbability:
     brand: str
-    probability: float
+    probability: float  # calibrated (softmax of logits / temperature) when the export has calibration.json
+    uncalibrated: float | None = None  # the plain softmax
+
+
+UNKNOWN = "unknown"
 
 
 @dataclass
 class Prediction:
     source: str  # the path as given, or "<image N>" for an in-memory PIL image
     topk: list[BrandProbability] = field(default_factory=list)  # most probable first
+    unknown: bool = False  # the calibrated top-1 probability is below min_confidence
+    min_confidence: float | None = None  # the threshold applied (None: never "unknown")
+    temperature: float = 1.0  # 1.0: the export has no calibration
+    overlay: str | None = None  # the Grad-CAM overlay written for it (predict --explain)
 
     @property
     def brand(self) -> str:
+        """The most probable known brand (even when the answer is "unknown")."""
         return self.topk[0].brand
+
+    @property
+    def answer(self) -> str:
+        return UNKNOWN if self.unknown else self.brand
 
     @property
     def probability(self) -> float:
         return self.topk[0].probability
 
     def to_dict(self) -> dict:
-        return {"path": self.source, "topk": [{"brand": b.brand, "probability": b.probability} for b in self.topk]}
+        return {"path": self.source, "answer": self.answer, "unknown": self.unknown, "brand": self.brand,
+                "probability": self.probability, "min_confidence": self.min_confidence, "temperature": self.temperature,
+                **({"overlay": self.overlay} if self.overlay else {}),
+                "topk": [{"brand": b.brand, "probability": b.probability, "uncalibrated_probability": b.uncalibrated}
+                         for b in self.topk]}
 
 
 def load_image(path: Path) -> Image.Image:
@@ -78,10 +106,13 @@ def load_image(path: Path) -> Image.Image:
 
 
 class Predictor:
-    """An exported classifier plus the eval preprocessing, ready for files or PIL images."""
+    """An exported classifier plus the eval preprocessing and its calibration, ready for files or PIL images.
+
+    `min_confidence`: None (always a brand), "auto" (the threshold in calibration.json) or a probability.
+    """
 
     def __init__(self, model: torch.nn.Module, classes: list[str], config: Config, device: torch.device | str | None = None,
-                 precision: str = "auto"):
+                 precision: str = "auto", calibration: Calibration | None = None, min_confidence: float | None = None):
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.classes = classes
         self.image_size = config.data.image_size
@@ -91,11 +122,18 @@ class Predictor:
         self.model = place_model(model, self.device, self.channels_last)
         # float32 input, as the eval loaders give for full precision; autocast lowers it inside the model
         self.normalize = Normalizer(self.device, torch.float32, self.channels_last)
+        self.calibration = calibration
+        self.temperature = calibration.temperature if calibration is not None else 1.0
+        self.min_confidence = resolve_min_confidence(min_confidence, calibration, "this export")
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path, device: torch.device | str | None = None, precision: str = "auto") -> Predictor:
+    def from_checkpoint(cls, directory: str | Path, device: torch.device | str | None = None, precision: str = "auto",
+                        min_confidence: str | float | None = None) -> Predictor:
         model, export = load_export_model(directory)
-        return cls(model, export.classes, export.config, device=device, precision=precision)
+        calibration = load_calibration(directory)
+        threshold = resolve_min_confidence(min_confidence, calibration, directory)
+        return cls(model, export.classes, export.config, device=device, precision=precision,
+                   calibration=calibration, min_confidence=threshold)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """uint8 HWC crop, exactly as the torchvision eval loader makes it."""
@@ -123,14 +161,31 @@ class Predictor:
         predictions = []
         for start in range(0, len(crops), batch_size):
             images = self.normalize(torch.stack(crops[start:start + batch_size]))  # as the eval loaders normalise
-            _, probabilities = classify(self.model, images, precision=self.precision)
-            top = probabilities.topk(topk, dim=1)
+            logits, probabilities = classify(self.model, images, precision=self.precision)
+            calibrated = calibrated_probabilities(logits, self.temperature)
+            top = calibrated.topk(topk, dim=1)
             for row, source in enumerate(sources[start:start + batch_size]):
-                predictions.append(Prediction(source, [
-                    BrandProbability(self.classes[label], float(probability))
-                    for label, probability in zip(top.indices[row].tolist(), top.values[row].tolist())
-                ]))
+                ranked = [BrandProbability(self.classes[label], float(probability), float(probabilities[row, label]))
+                          for label, probability in zip(top.indices[row].tolist(), top.values[row].tolist())]
+                unknown = self.min_confidence is not None and ranked[0].probability < self.min_confidence
+                predictions.append(Prediction(source, ranked, unknown=unknown, min_confidence=self.min_confidence,
+                                              temperature=self.temperature))
         return predictions
+
+    def explain(self, item, brand: str | None = None) -> tuple[Image.Image, Explanation]:
+        """(upright photo, Grad-CAM of `brand` or of the top-1 brand) for a path or a PIL image."""
+        photo = upright_rgb(item) if isinstance(item, Image.Image) else load_image(Path(item))
+        if brand is not None and brand not in self.classes:
+            raise UsageError(f"--brand {brand!r} is not a brand this model knows ({', '.join(self.classes)})")
+        label = self.classes.index(brand) if brand is not None else None
+        return photo, explain(self.model, photo, image_size=self.image_size, crop_fraction=self.crop_fraction,
+                              label=label, channels_last=self.channels_last)
+
+    def write_overlay(self, item, out_path: Path, brand: str | None = None) -> Explanation:
+        """Grad-CAM overlay PNG of one photo (see carbrand.gradcam) at `out_path`."""
+        photo, explanation = self.explain(item, brand)
+        write_bytes_atomically(out_path, png_bytes(overlay(photo, explanation)))
+        return explanation
 
 
 def image_files(paths: list[Path]) -> tuple[list[Path], list[dict[str, str]]]:
@@ -159,6 +214,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="autocast dtype (default: auto = the training precision on a GPU, fp32 on the CPU)")
+    parser.add_argument("--min-confidence", default=None, metavar="auto|P",
+                        help="answer 'unknown' below this calibrated top-1 probability; auto = the threshold in "
+                             "the export's calibration.json (default: never unknown)")
+    parser.add_argument("--explain", type=Path, default=None, metavar="DIR",
+                        help="also write a Grad-CAM overlay per photo into DIR (NAME.gradcam.png; see carbrand explain)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,7 +226,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--topk must be at least 1; got {args.topk}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be a positive integer; got {args.batch_size}")
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision,
+                                          min_confidence=args.min_confidence)
     files, errors = image_files(args.paths)
     crops, sources = [], []
     for path in files:
@@ -176,6 +237,13 @@ def run(args: argparse.Namespace) -> int:
         except DataError as error:
             errors.append({"path": str(path), "error": str(error).removeprefix(f"{path}: ")})
     predictions = predictor.predict_crops(crops, sources, topk=args.topk, batch_size=args.batch_size)
+    if args.explain is not None:
+        from carbrand.overlays import write_overlays
+
+        overlays, failed = write_overlays(predictor, [Path(s) for s in sources], args.explain)
+        for prediction, overlay_path in zip(predictions, overlays):
+            prediction.overlay = overlay_path
+        errors.extend(failed)
     for error in errors:
         print(f"carbrand predict: error: {error['path']}: {error['error']}", file=sys.stderr)
     if args.json:
@@ -184,7 +252,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(document, indent=2, ensure_ascii=False))
     else:
         for p in predictions:
-            print(f"{p.source}: " + ", ".join(f"{b.brand} {b.probability:.2f}" for b in p.topk))
+            ranked = ", ".join(f"{b.brand} {b.probability:.2f}" for b in p.topk)
+            answer = f"unknown (below {p.min_confidence:.2f}; best: {ranked})" if p.unknown else ranked
+            print(f"{p.source}: {answer}" + (f"  [{p.overlay}]" if p.overlay else ""))
     return 1 if errors else 0
 
 

@@ -48,6 +48,7 @@ from accelerate.utils import (
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from carbrand.calibrate import calibrate_run
 from carbrand.checkpoint import (
     EMA_FILE,
     TrainingCheckpoint,
@@ -181,6 +182,8 @@ def train_with(config: Config, accelerator: Accelerator, stop_request: StopReque
     try:
         exit_code = train_loop(run, stop_request)
         check_ranks_agree(run)
+        if exit_code == 0:
+            calibrate_run(run)  # best/calibration.json: temperature and "unknown" threshold, fitted on val
     finally:
         run.train_loader.close()
         if run.val_loader is not None:

@@ -1,6 +1,7 @@
 """The trainer with real processes on real photos (cars5): DDP over gloo, resume, exports, W&B offline."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from carbrand.calibration import load_calibration
 from carbrand.checkpoint import load_export_model, load_training_checkpoint
 from carbrand.model import build_model
 from tests.helpers.fault_runs import (
@@ -57,6 +59,28 @@ def test_two_processes_train_on_cars5_and_ranks_agree(prepared_cars5, tmp_path):
     assert export.classes == json.loads((prepared_cars5 / "classes.json").read_text())
     assert model.fc.out_features == 5
     assert result.stdout.count("carbrand: done") == 1  # only the main process reports
+    # best/ was calibrated on val when training ended: each rank fitted the gathered logits, and they agreed
+    calibration = load_calibration(run_dir / "best")
+    assert calibration.samples == val_samples and calibration.temperature > 0
+    assert last_value(records, "calibration/ranks_agree") is True
+    assert last_value(records, "calibration/temperature") == calibration.temperature
+    alone = calibrate_in_process(run_dir / "best", prepared_cars5)  # one process, other batches: the same fit
+    assert alone.temperature == pytest.approx(calibration.temperature, rel=1e-6)
+    assert alone.threshold == pytest.approx(calibration.threshold, rel=1e-6)
+
+
+def calibrate_in_process(export, prepared):
+    from accelerate.state import AcceleratorState
+
+    from carbrand.cli import run_command
+
+    copy = export.parent / "best_recalibrated"
+    shutil.copytree(export, copy)
+    try:
+        assert run_command("calibrate", ["--checkpoint", str(copy), "--data", str(prepared), "--batch-size", "7"]) == 0
+    finally:
+        AcceleratorState._reset_state(True)
+    return load_calibration(copy)
 
 
 def read_split(prepared, split):

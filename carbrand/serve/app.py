@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from carbrand.export import CALIBRATION_FILE
+from carbrand.calibration import CALIBRATION_FILE
 from carbrand.serve.batching import InferenceBatcher, InferenceTimeout, ServiceBusy
 from carbrand.serve.decoding import decode_uploads
 from carbrand.serve.settings import ServeSettings, settings_from_environment
@@ -40,8 +40,7 @@ def app_from_environment() -> FastAPI:
     from carbrand.predict import Predictor
 
     settings = settings_from_environment()
-    # An export that `carbrand calibrate` calibrated answers "unknown" below its stored threshold, as predict
-    # --min-confidence auto does; the Predictor that reads calibration.json comes with it (issue 14).
+    # A calibrated export answers "unknown" below its stored threshold, as `predict --min-confidence auto` does.
     calibrated = {"min_confidence": "auto"} if (Path(settings.checkpoint) / CALIBRATION_FILE).is_file() else {}
     predictor = Predictor.from_checkpoint(settings.checkpoint, device=settings.device, **calibrated)
     return create_app(settings, predictor)
