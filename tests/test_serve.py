@@ -163,3 +163,57 @@ def test_small_load_with_bad_uploads_mixed_in(cars5_server, cars5_dir):
     assert figures["failed_good_requests"] == 0
     assert figures["bad_requests_without_4xx"] == 0
     assert figures["latency_p50_ms"] <= figures["latency_p99_ms"]
+
+
+def decoded_data_uri(uri: str):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    assert uri.startswith("data:image/png;base64,"), uri[:40]
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"), dtype=np.int16)
+
+
+def test_explain_answers_with_the_grad_cam_overlay_carbrand_explain_draws(cars5_server, photos, fitted_cars5_export):
+    import numpy as np
+
+    from carbrand.gradcam import overlay
+    from carbrand.predict import Predictor
+    from carbrand.serve.explanations import OVERLAY_MAX_SIDE
+
+    client = cars5_server.client()
+    answer = client.predict([part(p) for p in photos[:2]], topk=2, explain=True)
+    assert answer.status == 200, answer.body
+    served = answer.json()["predictions"]
+    predictor = Predictor.from_checkpoint(fitted_cars5_export, device="cpu")
+    for prediction, photo in zip(served, photos[:2]):
+        image, explanation = predictor.explain(photo)  # the top-1 brand's map, drawn as carbrand explain draws it
+        assert predictor.classes[explanation.label] == prediction["topk"][0]["brand"]
+        expected = np.asarray(overlay(image, explanation, max_side=OVERLAY_MAX_SIDE), dtype=np.int16)
+        shown = decoded_data_uri(prediction["gradcam_png"])
+        assert shown.shape == expected.shape and np.abs(shown - expected).max() <= 2
+    assert "gradcam_png" not in client.predict([part(photos[0])]).json()["predictions"][0], "only when asked"
+    refused = client.request("POST", "/v1/predict?explain=maybe", b"", {"Content-Type": "multipart/form-data; boundary=x"})
+    assert refused.status == 400 and "explain must be" in refused.json()["error"]["message"]
+
+
+def test_a_calibrated_export_is_served_calibrated_with_its_unknown_answer(fitted_cars5_export, prepared_cars5, photos, tmp_path):
+    import shutil
+
+    from carbrand.calibrate import main as calibrate
+    from carbrand.predict import Predictor
+    from tests.helpers.serving import serving
+
+    best = tmp_path / "run" / "best"
+    shutil.copytree(fitted_cars5_export, best)
+    assert calibrate(["--checkpoint", str(best), "--data", str(prepared_cars5), "--loader", "torchvision"]) == 0
+    expected = Predictor.from_checkpoint(best, device="cpu", min_confidence="auto").predict(photos, topk=5)
+    with serving(best, tmp_path) as server:
+        answer = server.client().predict([part(p) for p in photos], topk=5)
+    assert answer.status == 200, answer.body
+    for served, local in zip(answer.json()["predictions"], expected, strict=True):
+        assert served["temperature"] == pytest.approx(local.temperature) and local.temperature != 1.0
+        assert served["unknown"] == local.unknown and served["min_confidence"] == pytest.approx(local.min_confidence)
+        assert [b["probability"] for b in served["topk"]] == pytest.approx([b.probability for b in local.topk], abs=1e-5)

@@ -85,7 +85,8 @@ class ServiceClient:
     def get(self, path: str) -> Answer:
         return self.request("GET", path)
 
-    def predict(self, parts: list[FilePart], topk: int | None = None, chunked: bool = False) -> Answer:
+    def predict(self, parts: list[FilePart], topk: int | None = None, chunked: bool = False, explain: bool = False) -> Answer:
         body, content_type = multipart_body(parts)
-        path = "/v1/predict" + (f"?topk={topk}" if topk is not None else "")
+        query = ([f"topk={topk}"] if topk is not None else []) + (["explain=1"] if explain else [])
+        path = "/v1/predict" + ("?" + "&".join(query) if query else "")
         return self.request("POST", path, in_chunks(body) if chunked else body, {"Content-Type": content_type}, chunked=chunked)

@@ -1,6 +1,7 @@
 """The HTTP service: one FastAPI app per server process, over one Predictor and one InferenceBatcher.
 
     POST /v1/predict?topk=K   multipart field `images` (one or more files) -> {"predictions": [...], ...}
+         &explain=1           ... each with `gradcam_png`: the Grad-CAM overlay of its top-1 brand (a PNG data URI)
     GET  /v1/model            brands, architecture, input size, the export's test metrics if known
     GET  /healthz             {"status": "ok", ...}
     GET  /                    the web page (page.html): drop or pick a photo, see the top brands as bars
@@ -25,7 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from carbrand.calibration import CALIBRATION_FILE
 from carbrand.serve.batching import InferenceBatcher, InferenceTimeout, ServiceBusy
-from carbrand.serve.decoding import decode_uploads
+from carbrand.serve.decoding import decode_photos
+from carbrand.serve.explanations import overlay_data_uris
 from carbrand.serve.settings import ServeSettings, settings_from_environment
 from carbrand.serve.uploads import RequestError, check_declared_length, read_uploads
 
@@ -78,8 +80,10 @@ def create_app(settings: ServeSettings, predictor) -> FastAPI:
     @app.post("/v1/predict")
     async def predict(request: Request) -> dict:
         topk = requested_topk(request, settings.topk, len(predictor.classes))
+        explain = requested_flag(request, "explain")
         uploads = await receive_uploads(request, settings)
-        crops = await run_in_threadpool(decode_uploads, uploads, predictor.preprocess)
+        photos = await run_in_threadpool(decode_photos, uploads)
+        crops = await run_in_threadpool(lambda: [predictor.preprocess(photo) for photo in photos])
         try:
             result = await batcher.predict(crops, [upload.filename for upload in uploads])
         except ServiceBusy as error:
@@ -90,6 +94,10 @@ def create_app(settings: ServeSettings, predictor) -> FastAPI:
         for prediction in result.predictions:
             prediction.topk = prediction.topk[:topk]
             predictions.append(prediction.to_dict())
+        if explain:  # Grad-CAM of each answer's top-1 brand, drawn on the photo sent
+            overlays = await batcher.run_alone(overlay_data_uris, predictor, photos, [p.topk[0].brand for p in result.predictions])
+            for prediction, overlay_uri in zip(predictions, overlays):
+                prediction["gradcam_png"] = overlay_uri
         return {"predictions": predictions, "inference_batch_images": result.batch_images}
 
     return app
@@ -121,6 +129,13 @@ def requested_topk(request: Request, default: int, brands: int) -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise RequestError(400, "invalid_parameter", f"topk must be a positive integer; got {raw!r}")
     return min(int(raw), brands)
+
+
+def requested_flag(request: Request, name: str) -> bool:
+    raw = request.query_params.get(name, "0").lower()
+    if raw not in ("0", "1", "true", "false"):
+        raise RequestError(400, "invalid_parameter", f"{name} must be 0, 1, true or false; got {raw!r}")
+    return raw in ("1", "true")
 
 
 def add_error_handlers(app: FastAPI) -> None:

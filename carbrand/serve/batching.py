@@ -94,6 +94,11 @@ class InferenceBatcher:
         except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
             raise InferenceTimeout(f"no answer within {self.settings.timeout_s:g} s") from None
 
+    async def run_alone(self, function, *args):
+        """`function(*args)` on the inference thread: never at the same time as a batch's forward pass (Grad-CAM
+        hooks the model and needs gradients, which a concurrent forward pass would disturb)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
     async def _serve_forever(self) -> None:
         while True:
             jobs = await self._next_batch()
