@@ -103,7 +103,7 @@ def calibrate_run(run) -> AgreedCalibration | None:
 
 def calibration_metrics(agreed: AgreedCalibration) -> dict[str, float | bool]:
     c = agreed.calibration
-    return {"calibration/temperature": c.temperature, "calibration/threshold": c.threshold,
+    return {"calibration/temperature": c.temperature, "calibration/fitted": c.fitted, "calibration/threshold": c.threshold,
             "calibration/nll_before": c.nll_before, "calibration/nll_after": c.nll_after,
             "calibration/ece_before": c.ece_before, "calibration/ece_after": c.ece_after,
             "calibration/samples": c.samples, "calibration/ranks_agree": agreed.ranks_agree}
@@ -111,6 +111,10 @@ def calibration_metrics(agreed: AgreedCalibration) -> dict[str, float | bool]:
 
 def describe(calibration: Calibration) -> str:
     c = calibration
+    if not c.fitted:
+        return (f"temperature kept at 1: on {c.samples} {c.split} images every answer is right with a wide margin, so the "
+                f"NLL has no minimum to fit (ECE {c.ece_before:.4f}); unknown below {c.threshold:.4f} "
+                f"(keeps {c.keep_known_share:.0%} of known-brand {c.split} images)")
     return (f"temperature {c.temperature:.4f} on {c.samples} {c.split} images: NLL {c.nll_before:.4f} -> {c.nll_after:.4f}, "
             f"ECE {c.ece_before:.4f} -> {c.ece_after:.4f}; unknown below {c.threshold:.4f} "
             f"(keeps {c.keep_known_share:.0%} of known-brand {c.split} images)")

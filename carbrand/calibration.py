@@ -40,6 +40,7 @@ BETA_RANGE = (1e-3, 1e3)  # 1/T: from T = 1000 (near uniform) to T = 0.001 (near
 class Calibration:
     temperature: float
     threshold: float  # calibrated top-1 probability below which the answer is "unknown" (--min-confidence auto)
+    fitted: bool = True  # False: the split had no NLL minimum (no mistakes, every margin wide), temperature kept at 1
     keep_known_share: float = KEEP_KNOWN_SHARE
     split: str = "val"
     samples: int = 0
@@ -54,8 +55,9 @@ def calibrated_probabilities(logits: torch.Tensor, temperature: float) -> torch.
     return (logits.double() / temperature).softmax(dim=1)
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """T minimising the mean NLL of softmax(logits / T) over (logits [n, c], labels [n])."""
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """T minimising the mean NLL of softmax(logits / T) over (logits [n, c], labels [n]); None when there is no
+    minimum (every image classified right with a margin, as a small val split often is)."""
     z = logits.detach().double().cpu()
     y = labels.detach().long().cpu()
     if len(z) == 0:
@@ -69,8 +71,10 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     low, high = BETA_RANGE
     if slope(low) >= 0:
         return 1 / low
-    if slope(high) <= 0:  # every image right with a margin: sharper is always better, stop at the bound
-        return 1 / high
+    if slope(high) <= 0:
+        # Every image right with a margin: the NLL keeps falling as T -> 0, so there is no minimum to fit,
+        # and a T at the bound would make every answer 100 % sure (and any later mistake infinitely costly).
+        return None
     for _ in range(200):  # bisection in log space: scale-free over six orders of magnitude
         middle = math.sqrt(low * high)
         if slope(middle) > 0:
@@ -106,10 +110,12 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, keep_share: floa
                     split: str = "val") -> Calibration:
     """Temperature, threshold and the before/after figures on (logits, labels) of known-brand photos."""
     logits, labels = logits.double().cpu(), labels.long().cpu()
-    temperature = fit_temperature(logits, labels)
+    fitted = fit_temperature(logits, labels)
+    temperature = 1.0 if fitted is None else fitted  # nothing to correct that this split can show: leave the logits as they are
     after = calibrated_probabilities(logits, temperature)
     return Calibration(
         temperature=temperature,
+        fitted=fitted is not None,
         threshold=known_share_threshold(after.max(dim=1).values, keep_share),
         keep_known_share=keep_share,
         split=split,
@@ -136,7 +142,9 @@ def load_calibration(directory: str | Path) -> Calibration | None:
         raw = json.loads(path.read_text(encoding="utf-8"))
         known = {f.name for f in fields(Calibration)}
         values = {k: v for k, v in raw.items() if k in known}
-        values = {k: (v if k == "split" else int(v) if k == "samples" else float(v)) for k, v in values.items()}
+        values = {k: (v if k in ("split", "fitted") else int(v) if k == "samples" else float(v)) for k, v in values.items()}
+        if not isinstance(values.get("fitted", True), bool):
+            raise ValueError(f"fitted must be true or false; got {values['fitted']!r}")
         calibration = Calibration(**values)
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as error:
         raise CarbrandError(f"{path} is not a valid calibration file ({type(error).__name__}: {error})") from None

@@ -16,7 +16,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from carbrand.calibration import fit_temperature, known_share_threshold, load_calibration, nll
+from carbrand.calibration import fit_calibration, fit_temperature, known_share_threshold, load_calibration, nll
 from tests.helpers.exports import fit_export
 
 KNOWN = ["audi", "lamborghini", "mercedes"]  # bmw and ferrari play the brands the model never saw
@@ -75,6 +75,22 @@ def test_temperature_is_the_nll_minimum_and_the_threshold_keeps_the_share():
     threshold = known_share_threshold(confidences, 0.95)
     assert (confidences >= threshold).double().mean() >= 0.95
     assert (confidences >= threshold + 1e-9).double().mean() < 0.95  # the largest such threshold
+
+
+def test_a_split_with_no_mistakes_keeps_the_temperature_at_one():
+    """Every val image right with a margin (a small val split often is): the NLL falls forever as T -> 0; a T at the
+    search bound would call every answer 100 % sure and make the threshold 1.0, so nothing is fitted."""
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(25) % 5
+    logits = torch.randn(25, 5, generator=generator)
+    logits[torch.arange(25), labels] += 6  # right, with a wide margin
+    assert fit_temperature(logits, labels) is None
+    calibration = fit_calibration(logits, labels)
+    assert calibration.temperature == 1.0 and calibration.fitted is False
+    assert calibration.nll_after == calibration.nll_before
+    assert calibration.threshold == pytest.approx(float(logits.double().softmax(dim=1).max(dim=1).values.sort().values[1]))
+    logits[0] = logits[0].roll(1)  # one mistake: now there is a minimum
+    assert fit_temperature(logits, labels) is not None and fit_calibration(logits, labels).fitted
 
 
 # ----------------------------------------------------------------------------- cars5: calibrate, evaluate, report
