@@ -27,6 +27,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 
 from carbrand.config import Config, config_from_dict, safe_yaml_load, save_config
+from carbrand.disk_space import warn_if_short_of_space
 from carbrand.errors import CarbrandError, ConfigError, first_line
 from carbrand.filesystem import write_directory_atomically
 from carbrand.model import load_failure_reason, safe_torch_load
@@ -135,6 +136,8 @@ def save_training_checkpoint(
         (into / "classes.json").write_text(json.dumps(classes, indent=2, ensure_ascii=False) + "\n")
         save_config(config, into / "config.yaml")
 
+    existing = step_checkpoints(run_dir)
+    warn_if_short_of_space(run_dir, existing[-1][1] if existing else None, [model_state, ema_state, training_state])
     final = write_directory_atomically(run_dir / "checkpoints" / f"step_{step}", write)
     try:
         _point_last_at(run_dir, final)

@@ -17,12 +17,25 @@ from safetensors import SafetensorError
 
 from carbrand.errors import CarbrandError, first_line
 
+FULL_DISK_BYTES = 1 << 20  # less free than this after a failed write: the disk is what failed it
+
 
 def io_reason(error: BaseException) -> str:
     """'No space left on device', not 'Error while serializing: I/O error: No space left on device (os error 28)'."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return re.sub(r"^.*I/O error: (.*?)( \(os error \d+\))?$", r"\1", first_line(error))
+
+
+def write_failure_reason(error: BaseException, folder: Path) -> str:
+    """io_reason, except that torch.save reports a full disk as 'unexpected pos N vs M': then name the full disk."""
+    if not isinstance(error, OSError):
+        try:
+            if shutil.disk_usage(folder).free < FULL_DISK_BYTES:
+                return "No space left on device"
+        except OSError:
+            pass
+    return io_reason(error)
 
 
 def write_directory_atomically(final: Path, write_into: Callable[[Path], None]) -> Path:
@@ -51,11 +64,12 @@ def write_directory_atomically(final: Path, write_into: Callable[[Path], None]) 
         else:
             os.rename(temporary, final)
     except BaseException as error:
+        reason = write_failure_reason(error, final.parent)  # before the cleanup frees the space again
         shutil.rmtree(temporary, ignore_errors=True)
         if retired.exists() and not final.exists():
             os.rename(retired, final)
         if isinstance(error, (OSError, SafetensorError, RuntimeError)):  # safetensors and torch.save wrap I/O errors
-            raise CarbrandError(f"could not write {final} ({io_reason(error)}); the previous copy, if any, is intact") from None
+            raise CarbrandError(f"could not write {final} ({reason}); the previous copy, if any, is intact") from None
         raise
     return final
 
