@@ -170,7 +170,13 @@ class RunDirLock:
 
     def acquire(self) -> None:
         """Take the lock, taking over a stale one with a warning; RunDirLocked names a live holder."""
-        me = LockHolder.this_process()
+        try:
+            self._acquire(LockHolder.this_process())
+        except OSError as error:  # the same line as check_run_dir_writable's: the lock is the first write
+            raise CarbrandError(f"run directory {self.run_dir} is not writable ({error.strerror or error}); "
+                                f"set output.dir to a writable directory") from None
+
+    def _acquire(self, me: LockHolder) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(5):  # each round: another process took or released the lock while we looked
             holder = read_holder(self.path)  # first only read: a refused start writes nothing at all
