@@ -179,7 +179,13 @@ class RunDirLock:
     def _acquire(self, me: LockHolder) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(5):  # each round: another process took or released the lock while we looked
-            holder = read_holder(self.path)  # first only read: a refused start writes nothing at all
+            try:
+                holder = read_holder(self.path)  # first only read: a refused start writes nothing at all
+            except RunDirLocked:
+                if not self.force:
+                    raise
+                self.path.unlink(missing_ok=True)  # unreadable, and the user says nobody holds it
+                continue
             if holder is None:
                 if _create(self.path, me):
                     self.holder = me

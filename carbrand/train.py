@@ -201,7 +201,7 @@ def train_with(config: Config, accelerator: Accelerator, stop_request: StopReque
 
 
 def set_up(config: Config, accelerator: Accelerator, run_lock: RunDirLock | None = None) -> Run:
-    """Data -> model -> optimizer -> schedule -> resume -> prepare -> EMA -> tracker, in that order.
+    """Data -> model -> optimizer -> schedule -> resume -> lock -> prepare -> EMA -> tracker, in that order.
 
     Every input, the resume checkpoint included, is read and checked before the run
     directory is touched: bad input writes nothing.

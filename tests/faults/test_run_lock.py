@@ -108,6 +108,14 @@ def test_lock_rules_against_live_dead_foreign_and_requeued_holders(tmp_path, liv
     forced.release()
     assert json.loads((run_dir / LOCK_FILE).read_text())["host"] == "gpu-node-17"
 
+    # a lock that cannot be read: named, and taken over only when told
+    (run_dir / LOCK_FILE).write_text("{half a record")
+    with pytest.raises(RunDirLocked, match=f"lock file {run_dir / LOCK_FILE} cannot be read .*--force-unlock"):
+        RunDirLock(run_dir).acquire()
+    forced = RunDirLock(run_dir, force=True)
+    forced.acquire()
+    forced.release()
+
     # SLURM: the same job on another host, requeued (restart 1 after 0), takes over its own lock
     monkeypatch.setenv("SLURM_JOB_ID", "7001234")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
