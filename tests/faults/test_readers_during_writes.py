@@ -16,7 +16,7 @@ from tests.helpers.fault_runs import start, start_training
 from tests.helpers.paths import REPO
 
 
-STEPS = 10
+STEPS = 8
 
 
 @pytest.mark.slow

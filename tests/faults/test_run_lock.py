@@ -36,7 +36,7 @@ def test_second_training_stops_before_writing_and_a_dead_holders_lock_is_taken_o
         assert recorded["started"] and recorded["slurm_job_id"] is None, recorded
 
         before = tree(run_dir)
-        second = start_training(prepared_cars5, run_dir, *RUN, "train.max_steps=4", logs=tmp_path / "second")
+        second = start_training(prepared_cars5, run_dir, *RUN, "train.max_steps=2", logs=tmp_path / "second")
         assert second.wait(timeout=300) == 1, second.stderr[-3000:]
         line = error_line(second.stderr)
         assert line.startswith(f"carbrand train: error: {run_dir} is in use by another training (host "
@@ -49,7 +49,7 @@ def test_second_training_stops_before_writing_and_a_dead_holders_lock_is_taken_o
         first.kill()  # kill -9 (also when stopped): the lock stays behind, its pid gone
 
     assert (run_dir / LOCK_FILE).is_file()
-    third = start_training(prepared_cars5, run_dir, *RUN, "train.max_steps=4", logs=tmp_path / "third")
+    third = start_training(prepared_cars5, run_dir, *RUN, "train.max_steps=2", logs=tmp_path / "third")
     assert third.wait(timeout=300) == 0, third.stderr[-3000:]
     warnings = [line for line in third.stderr.splitlines() if "warning" in line]
     assert warnings == [f"carbrand: warning: took over the lock of {run_dir} from host {socket.gethostname()}, "
