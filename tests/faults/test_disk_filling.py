@@ -36,10 +36,10 @@ def small_tmpfs(tmp_path):
 @pytest.mark.slow
 def test_filling_disk_warns_before_the_failed_save_and_keeps_the_previous_checkpoint(prepared_cars5, small_tmpfs, tmp_path):
     run_dir = small_tmpfs / "run"
-    run = start_training(prepared_cars5, run_dir, "data.loader=torchvision", "train.max_steps=9", "train.log_every=1",
-                         "train.checkpoint_every_steps=3", logs=tmp_path / "logs")
+    run = start_training(prepared_cars5, run_dir, "data.loader=torchvision", "train.max_steps=12", "train.log_every=1",
+                         "train.checkpoint_every_steps=4", logs=tmp_path / "logs")
     try:
-        wait_until(lambda: complete_checkpoints(run_dir) == [3], run, what="the first checkpoint")
+        wait_until(lambda: complete_checkpoints(run_dir) == [4], run, what="the first checkpoint")
         os.kill(run.process.pid, signal.SIGSTOP)  # the disk fills between two checkpoints (another job's files)
         assert not list((run_dir / "checkpoints").glob(".tmp-*")), "stopped inside the next save: too late to fill"
         free = shutil.disk_usage(small_tmpfs).free
@@ -56,14 +56,14 @@ def test_filling_disk_warns_before_the_failed_save_and_keeps_the_previous_checkp
     found = re.match(rf"carbrand: warning: {run_dir} has (\d+) bytes free \(.*\), less than the (\d+) bytes .* a checkpoint "
                      rf"needs \(twice the last one, .*\)", warnings[0])
     assert found, warnings[0]
-    step_3_bytes = sum(p.stat().st_size for p in (run_dir / "checkpoints" / "step_3").iterdir())
+    step_4_bytes = sum(p.stat().st_size for p in (run_dir / "checkpoints" / "step_4").iterdir())
     free_bytes, needed_bytes = map(int, found.groups())
-    assert needed_bytes == 2 * step_3_bytes and abs(free_bytes - LEFT_FREE_MB * 2**20) < 2**20, warnings[0]
+    assert needed_bytes == 2 * step_4_bytes and abs(free_bytes - LEFT_FREE_MB * 2**20) < 2**20, warnings[0]
 
     line = error_line(run.stderr)
-    assert line == (f"carbrand train: error: could not write {run_dir / 'checkpoints' / 'step_6'} (No space left on device); "
+    assert line == (f"carbrand train: error: could not write {run_dir / 'checkpoints' / 'step_8'} (No space left on device); "
                     f"the previous copy, if any, is intact"), line
-    assert complete_checkpoints(run_dir) == [3] and os.readlink(run_dir / "last") == "checkpoints/step_3"
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_3"], "no half-written checkpoint left"
+    assert complete_checkpoints(run_dir) == [4] and os.readlink(run_dir / "last") == "checkpoints/step_4"
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_4"], "no half-written checkpoint left"
     resumable = load_training_checkpoint(run_dir / "last")
-    assert resumable.training_state["progress"]["step"] == 3 and resumable.model_state
+    assert resumable.training_state["progress"]["step"] == 4 and resumable.model_state

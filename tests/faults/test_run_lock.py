@@ -135,11 +135,11 @@ import sys, time
 from pathlib import Path
 from carbrand.run_lock import RunDirLock, RunDirLocked
 lock = RunDirLock(Path(sys.argv[1]))
-time.sleep(float(sys.argv[2]) - time.time())  # all start at once
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all try at once
 try:
     lock.acquire()
     print("won", flush=True)
-    time.sleep(3)
+    time.sleep(4)  # held while the others try
     lock.release()
 except RunDirLocked as error:
     print("lost", flush=True)
@@ -153,7 +153,7 @@ def test_processes_taking_over_a_stale_lock_at_once_only_one_wins(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     write_lock(run_dir, holder_for(dead.pid, process_start="1"))
-    start_at = str(time.time() + 2)
+    start_at = str(time.time() + 3)  # after every racer has started, even on a busy machine
     racers = [subprocess.Popen([sys.executable, "-c", RACER, str(run_dir), start_at], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=REPO, env=subprocess_environment())
               for _ in range(6)]
