@@ -144,8 +144,11 @@ def _remove_if_still(path: Path, judged: LockHolder, me: LockHolder) -> bool:
     except FileNotFoundError:
         return False  # someone else removed it first: try again from the start
     try:
-        moved = LockHolder(**json.loads(aside.read_text()))
-        if moved.token == judged.token:
+        try:
+            token = json.loads(aside.read_text()).get("token")
+        except (ValueError, AttributeError):
+            token = None  # not the record we judged
+        if token == judged.token:
             return True
         try:
             os.link(aside, path)  # another process's fresh lock: give it back
