@@ -4,6 +4,8 @@
     carbrand train --config FILE [k=v ...]   carbrand.train
     carbrand evaluate --checkpoint DIR ...   carbrand.evaluate
     carbrand predict --checkpoint DIR PATH   carbrand.predict
+    carbrand export --checkpoint DIR ...     carbrand.export
+    carbrand serve --checkpoint DIR          carbrand.serve.command
     carbrand demo                            carbrand.demo.command
     carbrand bench data|train ...            carbrand.bench.command
 
@@ -24,6 +26,8 @@ COMMANDS = {
     "train": ("carbrand.train", "train a brand classifier (use `accelerate launch` for several processes)"),
     "evaluate": ("carbrand.evaluate", "test-set metrics of an exported model"),
     "predict": ("carbrand.predict", "which brand is this? top-k brands for image files or folders"),
+    "export": ("carbrand.export", "write the model as ONNX or TorchScript with its input contract"),
+    "serve": ("carbrand.serve.command", "an HTTP service and web page that answer which brand a photo shows"),
     "bench": ("carbrand.bench.command", "measure loader and training throughput (images/s, JSON)"),
     "demo": ("carbrand.demo.command", "generate a demo dataset, then prepare, train, evaluate and predict on it"),
 }

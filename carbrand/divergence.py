@@ -1,4 +1,4 @@
-"""Stop a run whose loss or weights became NaN/inf, before anything from it is logged as good or saved.
+"""Stop a run whose loss or weights (buffers included) became NaN/inf, before anything from it is logged as good or saved.
 
 The loop marks each optimizer step's loss on the device (no host sync per step); the
 check reads the marks of every rank in one small gather, and runs only at the loop's
@@ -38,14 +38,17 @@ class DivergenceGuard:
         self._step_loss_nonfinite.zero_()
 
     def check(self, accelerator, model: torch.nn.Module, step: int, run_dir: Path) -> None:
-        """Raise on every rank if any rank applied a NaN/inf loss or holds NaN/inf weights (a collective).
+        """Raise on every rank if any rank applied a NaN/inf loss or holds NaN/inf weights or buffers (a collective).
 
         Checked once per step at most: a later sync point of the same step sees the same weights.
         """
         if step == self._checked_at_step:
             return
         self._checked_at_step = step
-        weights_finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+        # the buffers too: BatchNorm's running variance overflows to inf before any weight or loss does (measured
+        # at lr 1e6), and a checkpoint or export holding it is as useless as one with inf weights
+        state = [t.detach().isfinite().all() for t in model.state_dict().values() if t.is_floating_point()]
+        weights_finite = torch.stack(state).all()
         local = torch.stack([self.first_nonfinite_step, (~weights_finite).long()]).reshape(1, 2)
         found = accelerator.gather(local)  # one row per rank: first non-finite step (0 = none), weights non-finite
         steps = [s for s in found[:, 0].tolist() if s > 0]  # host sync: this is a sync point anyway

@@ -56,3 +56,36 @@ def fitted_cars5_export(prepared_cars5: Path, tmp_path_factory: pytest.TempPathF
     from tests.helpers.exports import fit_export
 
     return fit_export(tmp_path_factory.mktemp("fitted_run") / "best", prepared_cars5)
+
+
+def gpu_tests_were_asked_for(config: pytest.Config) -> bool:
+    """`-m gpu` (or any marker expression that holds only for gpu tests): a GPU host's check, not a default run."""
+    from _pytest.mark.expression import Expression
+
+    markexpr = config.option.markexpr
+    if not markexpr:
+        return False
+    expression = Expression.compile(markexpr)
+    return expression.evaluate(lambda name: name == "gpu") and not expression.evaluate(lambda name: False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    """Under `-m gpu`, a gpu test skipped for want of CUDA fails: a broken CUDA set-up must not read as "all skipped"."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.get_closest_marker("gpu") and gpu_tests_were_asked_for(item.config):
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid}: a gpu test was skipped under -m gpu ({report.longrepr[-1]}): no usable CUDA here"
+
+
+@pytest.fixture(scope="session")
+def cars5_server(fitted_cars5_export: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`carbrand serve` of the fitted cars5 export (a real subprocess on 127.0.0.1), with RUN/eval_test/metrics.json
+    beside it, a 3 MB upload limit, 4 images per request and a 100 ms batching wait: shared by the API, page and load tests."""
+    from tests.helpers.serving import run_folder_with_metrics, serving
+
+    workdir = tmp_path_factory.mktemp("cars5_server")
+    best = run_folder_with_metrics(fitted_cars5_export, workdir, {"split": "test", "samples": 100, "accuracy": 0.61})
+    with serving(best, workdir, "--max-upload-mb", "3", "--max-images", "4", "--max-wait-ms", "100") as server:
+        yield server

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from sklearn import metrics as skm
 from carbrand.checkpoint import plain_state_dict, save_export
 from carbrand.model import build_model
 
-from tests.helpers.exports import CARS5, export_config
+from tests.helpers.exports import CARS5, export_config, reference_probabilities
 from tests.helpers.paths import REPO
 from tests.helpers.subprocesses import assert_ok, subprocess_environment
 from tests.helpers.training_runs import launch_command
@@ -80,7 +81,26 @@ def cars5_runs(fitted_export, prepared_cars5, tmp_path_factory) -> dict:
                              env=subprocess_environment(), cwd=tmp_path) for command in (one, two)]
     outputs = [run.communicate(timeout=300) for run in runs]
     results = [subprocess.CompletedProcess(run.args, run.returncode, *output) for run, output in zip(runs, outputs)]
-    return {"dir": tmp_path, "one": tmp_path / "one", "two": tmp_path / "two", "results": results}
+    return {"dir": tmp_path, "one": tmp_path / "one", "two": tmp_path / "two", "results": results, "export": fitted_export}
+
+
+def check_against_the_manifest_and_a_forward_pass(rows: list[dict[str, str]], prepared: Path, export: Path) -> None:
+    """The rows the sklearn check reads are not taken on the evaluator's word: each true_brand is the one
+    test.csv gives its photo, and a forward pass made apart (tests/helpers/exports.py) predicts the same
+    brand for every 10th photo. (DALI decodes a little differently from PIL: probabilities differ by up
+    to 0.05, measured, so only photos whose best brand leads by more than 0.1 are compared.)"""
+    manifest = read_csv(prepared / "test.csv")  # read here as plain CSV, in the split's order
+    assert len(rows) == len(manifest)
+    for row, sample in zip(rows, manifest):
+        assert Path(row["path"]).as_posix().endswith("/" + sample["path"]), (row["path"], sample["path"])
+        assert row["true_brand"] == sample["brand"], row
+    picked = rows[::10]
+    probabilities = reference_probabilities(export, [Path(r["path"]) for r in picked])
+    top2 = probabilities.topk(2, dim=1)
+    clear = [(row, CARS5[best]) for row, best, (first, second) in zip(picked, top2.indices[:, 0].tolist(), top2.values.tolist())
+             if first - second > 0.1]
+    assert len(clear) >= 5, "too few clear-cut photos to compare"
+    assert [row["predicted_brand"] for row, _ in clear] == [brand for _, brand in clear]
 
 
 def test_one_and_two_processes_count_every_image_once_and_agree(cars5_runs, prepared_cars5):
@@ -101,6 +121,7 @@ def test_one_and_two_processes_count_every_image_once_and_agree(cars5_runs, prep
         assert [int(r["index"]) for r in rows] == list(range(100))
         assert [r["path"] for r in rows] == [str(s.path) for s in test_split]
         check_against_sklearn(metrics, rows, CARS5)
+        check_against_the_manifest_and_a_forward_pass(rows, prepared_cars5, cars5_runs["export"])
         assert 0.0 < metrics["accuracy"] < 1.0  # right and wrong answers both present
         assert sum(v["predicted"] > 0 for v in metrics["per_class"].values()) >= 3  # not one brand for everything
         mistakes = read_csv(tmp_path / ("one" if metrics is one_metrics else "two") / "misclassified.csv")
@@ -127,8 +148,6 @@ def test_one_and_two_processes_count_every_image_once_and_agree(cars5_runs, prep
 
 def copy_photos(cars5_dir: Path, root: Path, picks: dict[str, tuple[str, str, int]]) -> Path:
     """root/<brand>/ with `count` photos taken from cars5/<split>/<source brand>/."""
-    import shutil
-
     for brand, (split, source, count) in picks.items():
         (root / brand).mkdir(parents=True)
         for photo in sorted((cars5_dir / split / source).iterdir())[:count]:
@@ -157,6 +176,28 @@ def test_raw_folder_with_some_brands_matches_brands_by_name(cars5_runs, fitted_e
         assert float(row["true_brand_probability"]) == pytest.approx(float(reference[key]["true_brand_probability"]), abs=1e-5)
 
 
+def test_a_brand_neither_in_the_data_nor_predicted_stays_out_of_the_macro_averages(fitted_export, cars5_dir, tmp_path):
+    """Evaluating on some of the model's brands: a brand absent from the truth and from the predictions is not
+    in scikit-learn's label set, so it must not pull the macro averages towards 0 (a mean over all brands would)."""
+    from safetensors.torch import load_file, save_file
+
+    never_ferrari = tmp_path / "never_ferrari"
+    shutil.copytree(fitted_export, never_ferrari)
+    weights = load_file(str(never_ferrari / "model.safetensors"))
+    weights["fc.bias"][CARS5.index("ferrari")] = -1e4  # never the best brand, whatever the photo
+    save_file(weights, str(never_ferrari / "model.safetensors"))
+    raw = copy_photos(cars5_dir, tmp_path / "raw", {b: ("test", b, 5) for b in ("audi", "bmw", "lamborghini", "mercedes")})
+    assert evaluate_in_process("--checkpoint", never_ferrari, "--data", raw, "--out", tmp_path / "out", "--batch-size", "8") == 0
+    metrics, rows = read_outputs(tmp_path / "out")
+    truth, predicted = [r["true_brand"] for r in rows], [r["predicted_brand"] for r in rows]
+    assert "ferrari" not in truth + predicted and metrics["samples"] == 20
+    check_against_sklearn(metrics, rows, CARS5)
+    assert "ferrari" not in metrics["per_class"] and metrics["model_brands_not_in_data"] == ["ferrari"]
+    _, _, over_all_brands, _ = skm.precision_recall_fscore_support(truth, predicted, labels=CARS5, average="macro",
+                                                                   zero_division=0)
+    assert metrics["macro_f1"] != pytest.approx(over_all_brands, abs=1e-3), "the case cannot tell the label sets apart"
+
+
 def test_unknown_brand_is_an_error_or_reported_apart(fitted_export, cars5_dir, tmp_path, capsys, monkeypatch):
     raw = copy_photos(cars5_dir, tmp_path / "raw", {"bmw": ("test", "bmw", 3), "mercedes": ("test", "mercedes", 3),
                                                     "tesla": ("train", "audi", 3)})
@@ -169,7 +210,7 @@ def test_unknown_brand_is_an_error_or_reported_apart(fitted_export, cars5_dir, t
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     assert evaluate_in_process("--checkpoint", fitted_export, "--data", raw, "--out", out, "--unknown-brands", "report",
-                               "--wandb-mode", "offline", "--tta-flip", "--topk", "2") == 0
+                               "--wandb-mode", "offline", "--tta-flip", "--topk", "2", "--loader", "torchvision") == 0
     console = capsys.readouterr().out
     assert "3 images of brand 'tesla' the model does not know" in console
     metrics, rows = read_outputs(out)
@@ -181,6 +222,18 @@ def test_unknown_brand_is_an_error_or_reported_apart(fitted_export, cars5_dir, t
     assert sorted(r["known"] for r in rows) == ["0"] * 3 + ["1"] * 6
     check_against_sklearn(metrics, rows, CARS5)  # metrics over the 6 known-brand photos only
     assert "tesla" not in metrics["per_class"]
+    # --tta-flip: each probability is the mean of the photo's and its mirror image's, from a forward pass made
+    # here (PIL decoding like the torchvision loader: measured agreement 1e-5; a mirror alone moves them by > 0.03)
+    paths = [Path(r["path"]) for r in rows]
+    plain = reference_probabilities(fitted_export, paths)
+    expected = (plain + reference_probabilities(fitted_export, paths, mirrored=True)) / 2
+    assert len(rows) == len(expected)
+    for row, want in zip(rows, expected):
+        top = want.topk(2)
+        assert json.loads(row["topk_brands"]) == [CARS5[i] for i in top.indices.tolist()], row
+        assert json.loads(row["topk_probabilities"]) == pytest.approx(top.values.tolist(), abs=1e-4), row
+        assert float(row["confidence"]) == pytest.approx(float(top.values[0]), abs=1e-4), row
+    assert (expected - plain).abs().max() > 0.01, "the mirror images change nothing: the check would prove nothing"
     assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run was written"
 
 
@@ -266,7 +319,8 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(case, fitted_export, pr
         (out / "checkpoints").mkdir(parents=True)
     code = evaluate_in_process("--checkpoint", checkpoint, "--data", data, "--out", out, *extra)
     captured = capsys.readouterr()
-    assert code != 0
+    # README: 2 for a usage error (an impossible option value), 1 for what the files hold or lack
+    assert code == (2 if case == "bad topk" else 1), captured.err
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("carbrand evaluate: error:"), captured.err
     assert "Traceback" not in captured.err

@@ -138,3 +138,34 @@ def test_torchrun_wrapper_rejects_a_bad_topology_in_one_line(variables, message)
                             env=subprocess_environment() | variables, cwd=REPO)
     assert result.returncode == 2
     assert result.stderr.strip() == f"launch/torchrun.sh: {message}"
+
+
+@pytest.mark.slow
+def test_torchrun_wrapper_forwards_sigterm_to_every_worker_outside_slurm(prepared_cars5, tmp_path):
+    """A plain `kill` of launch/torchrun.sh, with no SLURM to signal the workers too (they run in sessions of their
+    own): every worker must still hear it, checkpoint at its next step, and the launcher exit with 143."""
+    run_dir, logs, port = tmp_path / "run", tmp_path / "logs", free_port()
+    logs.mkdir()
+    command = [str(TORCHRUN_WRAPPER), str(TRAIN_SCRIPT), "--config", str(CPU_RECIPE), f"data.manifest={prepared_cars5}",
+               f"output.dir={run_dir}", "data.image_size=32", "data.workers=0", "train.epochs=5", "train.log_every=1"]
+    env = subprocess_environment() | {"NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                      "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(command, stdout=(logs / "node0.log").open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    workers = {}
+    try:
+        wait_for_training_step(run_dir, [launcher], logs)
+        workers = workers_by_rank([launcher])
+        assert sorted(workers) == [0, 1], workers
+        launcher.send_signal(signal.SIGTERM)
+        assert finish([launcher]) == [143], node_logs(logs)
+    finally:
+        for worker in workers.values():  # a launcher that died of the signal leaves its workers training
+            if worker.is_running():
+                worker.kill()
+    records = read_metrics(run_dir)
+    stops = [r for r in records if "run/ranks_signalled" in r]
+    assert len(stops) == 1 and stops[0]["run/stop_signal"] == signal.SIGTERM, node_logs(logs)
+    assert stops[0]["run/ranks_signalled"] == 2, "both workers must get the signal"
+    stopped_at = stops[0]["step"]
+    assert stopped_at < last_value(records, "run/total_steps"), "the run ended before the signal: this proves nothing"
+    assert (run_dir / "last").resolve() == (run_dir / "checkpoints" / f"step_{stopped_at}").resolve()

@@ -163,6 +163,7 @@ def test_predictor_agrees_with_the_evaluator(export, photos, tmp_path, fresh_acc
     with (tmp_path / "eval" / "predictions.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     predictions = Predictor.from_checkpoint(export, device="cpu").predict([r["path"] for r in rows], topk=1)
+    assert len(rows) == len(predictions) == 5, (rows, predictions)  # zip would stop at the shorter silently
     for row, prediction in zip(rows, predictions):
         assert prediction.brand == row["predicted_brand"]
         assert prediction.probability == pytest.approx(float(row["confidence"]), abs=1e-4)
@@ -182,6 +183,6 @@ def test_bad_checkpoint_is_one_line(case, export, photos, tmp_path, capsys):
         shutil.copytree(export, checkpoint)
         (checkpoint / "classes.json").write_text(json.dumps(CARS5 + ["tesla"]))
     code, out, err = predict_main("--checkpoint", checkpoint, photos["single"], capsys=capsys)
-    assert code != 0 and out == ""
+    assert code == 1 and out == "", err  # README: 1 for what the files hold or lack (2 is for usage errors)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("carbrand predict: error:"), err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 from pathlib import Path
@@ -81,15 +82,21 @@ def test_broken_files_are_rejected_with_their_reason(tmp_path):
     assert sorted(split_of(tmp_path / "out")) == sorted(f"{b}/{b}_{n:02d}.jpg" for b in ("alfa", "brio") for n in range(5))
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_unreadable_file_is_rejected(tmp_path):
+def test_unreadable_file_is_rejected(tmp_path, monkeypatch):
+    """A file the user may not read. CI runs as root, which reads whatever the mode: the refusal is injected
+    (the PermissionError a non-root reader gets for a mode-000 file) instead of made with chmod."""
     locked = write_jpeg(tmp_path / "locked.jpg", seed=1)
-    locked.chmod(0)
-    try:
-        check = check_image(VerifyTask(locked), Limits())
-    finally:
-        locked.chmod(0o644)
-    assert not check.accepted and check.reason.startswith("unreadable")
+    read_bytes = Path.read_bytes
+
+    def refuse_locked(path: Path) -> bytes:
+        if path == locked:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse_locked)
+    check = check_image(VerifyTask(locked), Limits())
+    assert not check.accepted and check.reason == f"unreadable: {os.strerror(errno.EACCES)}", check.reason
+    assert check_image(VerifyTask(write_jpeg(tmp_path / "other.jpg", seed=2)), Limits()).accepted
 
 
 def test_vanished_file_is_rejected_as_unreadable(tmp_path):

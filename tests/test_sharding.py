@@ -37,7 +37,25 @@ def test_augmentation_seeds_differ_across_ranks_and_epochs():
     seeds = {augmentation_seed(0, rank=r, epoch=e) for r in range(4) for e in range(4)}
     assert len(seeds) == 16
     assert all(0 <= s < 2**31 for s in seeds)
-    assert augmentation_seed(0, rank=1, epoch=2) == augmentation_seed(0, rank=1, epoch=2)
+
+
+
+def test_a_restarted_process_draws_the_same_augmentation_seeds():
+    """A resume is a new process: it must get the seeds the killed one had (no per-process salt such as
+    Python's string hashing, a PID or the clock)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers.paths import REPO
+    from tests.helpers.subprocesses import subprocess_environment
+
+    keys = [(seed, rank, epoch) for seed in (0, 7) for rank in range(3) for epoch in range(3)]
+    code = ("import json, sys; from carbrand.data.sharding import augmentation_seed; "
+            "print(json.dumps([augmentation_seed(s, rank=r, epoch=e) for s, r, e in json.loads(sys.argv[1])]))")
+    other = subprocess.run([sys.executable, "-c", code, json.dumps(keys)], capture_output=True, text=True, timeout=120,
+                           env=subprocess_environment() | {"PYTHONHASHSEED": "random"}, cwd=REPO, check=True)
+    assert json.loads(other.stdout) == [augmentation_seed(s, rank=r, epoch=e) for s, r, e in keys]
 
 
 def test_bad_rank_is_refused():

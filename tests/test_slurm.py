@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from tests.helpers.paths import REPO
+from tests.helpers.ports import ephemeral_ports, free_port
 from tests.helpers.slurm_cluster import SlurmCluster
 from tests.helpers.subprocesses import assert_ok, subprocess_environment
 from tests.helpers.training_runs import CPU_RECIPE, QUICK, last_value, read_metrics
@@ -98,12 +99,6 @@ def rendezvous_port(log: str) -> int:
     found = re.search(r"rendezvous c10d at [^ ]+:(\d+)", log)
     assert found, log[:2000]
     return int(found.group(1))
-
-
-def ephemeral_ports() -> tuple[int, int]:
-    """The kernel's range for outgoing connections' local ports: any of them may be taken at any moment."""
-    low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-    return int(low), int(high)
 
 
 @pytest.mark.slow
@@ -230,6 +225,14 @@ def test_topology_picks_a_free_port_outside_the_ephemeral_range_unless_given_one
     assert resolve_topology(tmp_path, MASTER_PORT="29999")["MASTER_PORT"] == "29999"  # the user's choice wins
 
 
+def test_the_tests_own_ports_follow_the_same_rule():
+    """tests/helpers/ports.py: the rendezvous ports tests hand to launchers stay out of the ephemeral range too."""
+    low, high = ephemeral_ports()
+    ports = [free_port() for _ in range(20)]
+    assert not any(low <= port <= high for port in ports), (ports, (low, high))
+    assert len(set(ports)) > 15, "drawn at random, so that tests side by side do not pick the same"
+
+
 def test_topology_passes_the_jobs_cpus_per_task_on_to_srun(tmp_path):
     # srun (SLURM >= 22.05) no longer reads the job's --cpus-per-task; SRUN_CPUS_PER_TASK is what it reads
     topology = resolve_topology(tmp_path, SLURM_CPUS_PER_TASK="4", NPROC_PER_NODE="2")
@@ -336,3 +339,57 @@ def wait_for_requeue(cluster: SlurmCluster, job: str, timeout: float = 120) -> N
         assert state.get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"), f"ended instead of requeued: {state}"
         time.sleep(0.2)
     pytest.fail(f"job {job} was not requeued within {timeout} s of the node failure: {cluster.job_state(job)}")
+
+
+# README promises about the SLURM defaults (issue 18): OMP_NUM_THREADS, the port rule, a time limit without warning.
+
+@pytest.mark.parametrize(("variables", "threads"), [
+    ({"SLURM_CPUS_PER_TASK": "12", "NPROC_PER_NODE": "3"}, "4"),
+    ({"SLURM_CPUS_PER_TASK": "7", "NPROC_PER_NODE": "2"}, "3"),  # whole threads: rounded down
+    ({"SLURM_CPUS_PER_TASK": "2", "NPROC_PER_NODE": "4"}, "1"),  # never below one
+    ({"SLURM_CPUS_PER_TASK": "24", "SLURM_GPUS_ON_NODE": "4"}, "6"),  # one process per GPU
+], ids=["12-cpus-3-processes", "7-cpus-2-processes", "2-cpus-4-processes", "24-cpus-4-gpus"])
+def test_omp_threads_are_the_cpus_per_task_shared_by_the_nodes_processes(tmp_path, variables, threads):
+    topology = resolve_topology(tmp_path, **variables)
+    assert topology["OMP_NUM_THREADS"] == threads, topology
+    assert f"OMP_NUM_THREADS={threads}," in topology["TOPOLOGY"]
+
+
+def test_rendezvous_ports_start_at_20000_outside_the_ephemeral_range_one_per_job_id(tmp_path):
+    low, high = ephemeral_ports()
+    job_ids = [str(1_000_003 + 7_919 * k) for k in range(8)]
+    ports = {job: int(resolve_topology(tmp_path, SLURM_JOB_ID=job)["MASTER_PORT"]) for job in job_ids}
+    assert all(20000 <= port <= 65535 and not low <= port <= high for port in ports.values()), (ports, (low, high))
+    assert len(set(ports.values())) == len(job_ids), f"jobs starting together look at the same port first: {ports}"
+
+
+@pytest.mark.slow
+def test_time_limit_without_the_warning_signal_ends_as_timeout_after_a_checkpoint(cluster, prepared_cars5, tmp_path):
+    """No SIGUSR1 before the limit (--signal overridden): at the limit SLURM sends SIGTERM to every process of
+    the job, the ranks checkpoint within KillWait, the job ends as TIMEOUT and is not requeued.
+
+    The limit is reached without waiting minutes: once the job trains, its limit is cut to 0 (an administrator's
+    `scontrol update TimeLimit`), which puts its end time in the past; slurmctld ends it at its next time-limit
+    check (every 30 s) through the same path as any job that runs out of time."""
+    script = tmp_path / "train_without_warning.sbatch"  # slurm/train.sbatch as a site might override it
+    lines = (REPO / "slurm" / "train.sbatch").read_text().splitlines(keepends=True)
+    assert sum(line.startswith("#SBATCH --signal=") for line in lines) == 1
+    script.write_text("".join(line for line in lines if not line.startswith("#SBATCH --signal=")))
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    job = cluster.run(["sbatch", "--parsable", "-N", "1", "--time=10", "--cpus-per-task=2", f"--output={log}", str(script),
+                       str(CPU_RECIPE), f"data.manifest={prepared_cars5}", f"output.dir={run_dir}", "data.image_size=32",
+                       "data.workers=0", "train.epochs=1000", "train.log_every=1"],
+                      env=job_environment(cluster, processes_per_node=1), cwd=REPO).stdout.strip()
+    wait_for_training(cluster, job, run_dir, log)
+    cluster.run(["scontrol", "update", f"JobId={job}", "TimeLimit=0"])
+    final = cluster.wait_for_end(job, timeout=300)
+    text = log.read_text() if log.exists() else ""
+    assert final["JobState"] == "TIMEOUT" and final["Restarts"] == "0", (final, text[-4000:])
+    assert "requeueing" not in text
+    stops = [r for r in read_metrics(run_dir) if "run/ranks_signalled" in r]
+    assert len(stops) == 1 and stops[0]["run/stop_signal"] == signal.SIGTERM, text[-4000:]
+    stopped_at = stops[0]["step"]
+    checkpoint = run_dir / "checkpoints" / f"step_{stopped_at}"
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "training_state.pt").is_file(), text[-4000:]
+    assert (run_dir / "last").resolve() == checkpoint.resolve()
+    assert f"checkpoint saved at step {stopped_at}" in text

@@ -6,18 +6,14 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from tests.helpers.image_factory import write_jpeg
-from scipy.io import savemat
+from tests.helpers.stanford_cars_devkit import STAND_IN_BOX, STAND_IN_SIZE, write_annotations, write_stand_in_devkit
 
 from carbrand.errors import DataError
 from carbrand.prepare.command import prepare_dataset
 from carbrand.prepare.sources import detect_format
 from carbrand.prepare.stanford_cars import make_of, read_annotations, read_class_names
-
-STAND_IN_SIZE = (160, 120)
-STAND_IN_BOX = (11, 21, 110, 90)  # 1-based inclusive: a 100 x 70 crop
 
 
 def test_real_class_names_reduce_to_49_makes(devkit_dir):
@@ -48,34 +44,10 @@ def test_unlabelled_test_annotations_are_refused(devkit_dir):
         read_annotations(devkit_dir / "cars_test_annos.mat", 196)
 
 
-def write_annotations(path: Path, rows: list[tuple[tuple[int, int, int, int], int, str]]) -> None:
-    """rows of (box, 1-based class, fname), written like the devkit's struct array."""
-    fields = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname"]
-    records = np.empty((1, len(rows)), dtype=[(name, "O") for name in fields])
-    for k, (box, label, fname) in enumerate(rows):
-        records[0, k] = (*[np.array([[v]], dtype=np.uint16) for v in box], np.array([[label]], dtype=np.uint8), np.array([fname]))
-    savemat(str(path), {"annotations": records})
-
-
 @pytest.fixture
 def stand_in(devkit_dir, tmp_path):
     """A devkit with 36 of the real training annotations (12 each of three makes) and stand-in JPEGs."""
-    names = read_class_names(devkit_dir)
-    annotations = read_annotations(devkit_dir / "cars_train_annos.mat", len(names))
-    wanted = {"Aston Martin": [], "BMW": [], "Land Rover": []}
-    for annotation in annotations:
-        chosen = wanted.get(make_of(names[annotation.class_index]))
-        if chosen is not None and len(chosen) < 12:
-            chosen.append(annotation)
-    devkit = tmp_path / "devkit"
-    devkit.mkdir()
-    savemat(str(devkit / "cars_meta.mat"), {"class_names": np.array([[np.array([n]) for n in names]], dtype=object)})
-    rows = [(STAND_IN_BOX, a.class_index + 1, a.fname) for chosen in wanted.values() for a in chosen]
-    write_annotations(devkit / "cars_train_annos.mat", rows)
-    images = tmp_path / "images"
-    for seed, (_, _, fname) in enumerate(rows):
-        write_jpeg(images / "cars_train" / fname, seed, STAND_IN_SIZE)
-    return devkit, images, rows
+    return write_stand_in_devkit(devkit_dir, tmp_path)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -8,6 +8,7 @@ tests do not pay for a training run:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -69,3 +70,32 @@ def fit_export(directory: Path, prepared: Path) -> Path:
         model.fc.weight.copy_(head.weight / std)
         model.fc.bias.copy_(head.bias - (head.weight * mean / std).sum(dim=1))
     return save_export(directory, plain_state_dict(model.eval()), dataset.classes, config)
+
+
+def reference_probabilities(export: Path, paths: list[Path], *, mirrored: bool = False) -> torch.Tensor:
+    """Softmax of an export over photos, computed apart from the product's loaders and inference code.
+
+    The eval crop as documented (the centred square that "resize the shorter side to size / 0.875, crop
+    size" shows, resized once with PIL: at 32 px a crop shifted by half a pixel changes the fitted
+    export's answers), ImageNet normalisation and a plain forward pass; `mirrored`: of each photo's mirror.
+    """
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    config = load_config(export / "config.yaml", [])
+    classes = json.loads((export / "classes.json").read_text())
+    model = build_model(config.model.arch, len(classes))
+    model.load_state_dict(load_file(str(export / "model.safetensors")))
+    size = config.data.image_size
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    images = []
+    for path in paths:
+        image = Image.open(path).convert("RGB")
+        side = min(image.size) * size / round(size / config.data.eval_crop_fraction)
+        left, top = (image.width - side) / 2, (image.height - side) / 2
+        crop = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+        pixels = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+        images.append((pixels.float() / 255 - mean) / std)
+    with torch.no_grad():
+        batch = torch.stack(images)
+        return model.eval()(batch.flip(-1) if mirrored else batch).softmax(dim=1)

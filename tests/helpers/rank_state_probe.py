@@ -16,10 +16,18 @@ wherever they stand (the rest goes to the trainer unchanged):
                                    not visible there yet)
     --dynamo-backend=NAME          model.compile with this TorchDynamo backend instead of inductor:
                                    the same wrappers, compiled in seconds on a CPU instead of minutes
+    --record-start                 also write, when set-up is done and before the first step,
+                                   OUT_DIR/start_rank<R>.safetensors (the model's state dict) and
+                                   OUT_DIR/start_rank<R>_optimizer.pt (the optimizer's): after a resume,
+                                   what the run really continues from
+    --signal-at-step=NAME:STEP     send this process signal NAME (SIGUSR1, SIGKILL, ...) right after
+                                   optimizer step STEP, before that step's log or checkpoint: a stop
+                                   or a kill -9 at a chosen step, with no race against a poller
 """
 
 import json
 import os
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this tree's carbrand, wherever it is installed
 
 import accelerate  # noqa: E402
+import torch  # noqa: E402
 from accelerate.state import GradientState  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook  # noqa: E402
@@ -40,7 +49,8 @@ RANK = int(os.environ.get("RANK", "0"))  # set by accelerate launch / torchrun; 
 
 
 def take_options(arguments: list[str]) -> tuple[dict[str, str], list[str]]:
-    names = ("--stale-listing-on-rank", "--unreadable-checkpoint-on-rank", "--dynamo-backend")
+    names = ("--stale-listing-on-rank", "--unreadable-checkpoint-on-rank", "--dynamo-backend", "--record-start",
+             "--signal-at-step")
     options = {a.partition("=")[0]: a.partition("=")[2] for a in arguments if a.partition("=")[0] in names}
     return options, [a for a in arguments if a.partition("=")[0] not in names]
 
@@ -63,13 +73,17 @@ def count_gradient_all_reduces(counts: dict[str, int]) -> None:
     accelerate.Accelerator.prepare_model = prepare_and_count
 
 
+def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in module.state_dict().items()}
+
+
 def record_state_at_the_end(out: Path, counts: dict[str, int]) -> None:
     check_ranks_agree = train.check_ranks_agree
 
     def record_then_check(run) -> None:
-        state = {name: tensor.detach().cpu().contiguous() for name, tensor in run.unwrapped_model.state_dict().items()}
+        state = state_of(run.unwrapped_model)
         if run.ema_model is not None:
-            state |= {f"ema.{name}": tensor.detach().cpu().contiguous() for name, tensor in run.ema_model.state_dict().items()}
+            state |= {f"ema.{name}": tensor for name, tensor in state_of(run.ema_model).items()}
         out.mkdir(parents=True, exist_ok=True)
         save_file(state, str(out / f"rank{run.accelerator.process_index}.safetensors"))
         record = {"progress": asdict(run.progress), "all_reduces": counts}
@@ -77,6 +91,30 @@ def record_state_at_the_end(out: Path, counts: dict[str, int]) -> None:
         check_ranks_agree(run)
 
     train.check_ranks_agree = record_then_check
+
+
+def record_state_at_the_start(out: Path) -> None:
+    set_up = train.set_up
+
+    def set_up_then_record(config, accelerator):
+        run = set_up(config, accelerator)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(state_of(run.unwrapped_model), str(out / f"start_rank{RANK}.safetensors"))
+        torch.save(run.optimizer.state_dict(), out / f"start_rank{RANK}_optimizer.pt")
+        return run
+
+    train.set_up = set_up_then_record
+
+
+def signal_after_step(name: str, step: int) -> None:
+    finish_optimizer_step = train.finish_optimizer_step
+
+    def finish_then_signal(run) -> None:
+        finish_optimizer_step(run)
+        if run.progress.step == step:
+            os.kill(os.getpid(), signal.Signals[name])
+
+    train.finish_optimizer_step = finish_then_signal
 
 
 def main() -> int:
@@ -93,6 +131,11 @@ def main() -> int:
     if "--dynamo-backend" in options:
         plugin = train.TorchDynamoPlugin
         train.TorchDynamoPlugin = lambda **kwargs: plugin(**(kwargs | {"backend": options["--dynamo-backend"]}))
+    if "--record-start" in options:
+        record_state_at_the_start(out)
+    if "--signal-at-step" in options:
+        name, _, step = options["--signal-at-step"].partition(":")
+        signal_after_step(name, int(step))
     counts = {"at_step": 0, "inside_accumulation": 0}
     count_gradient_all_reduces(counts)
     record_state_at_the_end(out, counts)

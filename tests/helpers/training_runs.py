@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from tests.helpers.paths import REPO
-from tests.helpers.ports import free_port
+from tests.helpers.ports import free_port, port_was_taken
 from tests.helpers.subprocesses import subprocess_environment
 
 TRAIN_SCRIPT = REPO / "carbrand" / "train.py"
@@ -34,8 +34,13 @@ def train_command(prepared: Path, run_dir: Path, *overrides: str, num_processes:
 
 def run_training(prepared: Path, run_dir: Path, *overrides: str, num_processes: int = 1, timeout: float = 600,
                  env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(train_command(prepared, run_dir, *overrides, num_processes=num_processes),
-                          capture_output=True, text=True, timeout=timeout, env=env or subprocess_environment(), cwd=REPO)
+    """The trainer to its end; several processes: once more on a fresh port if their rendezvous port was taken."""
+    for attempt in range(3 if num_processes > 1 else 1):
+        result = subprocess.run(train_command(prepared, run_dir, *overrides, num_processes=num_processes),
+                                capture_output=True, text=True, timeout=timeout, env=env or subprocess_environment(), cwd=REPO)
+        if result.returncode == 0 or not port_was_taken(result.stderr):
+            break
+    return result
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

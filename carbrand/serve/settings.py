@@ -1,0 +1,41 @@
+"""What `carbrand serve` hands to each server process: one typed, JSON-serialisable settings object.
+
+uvicorn starts every worker process fresh from an import string, so the settings travel in
+the environment (SETTINGS_VARIABLE) and each worker builds its own app and loads the model once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from carbrand.serve.batching import BatchingSettings
+
+SETTINGS_VARIABLE = "CARBRAND_SERVE_SETTINGS"
+MEGABYTE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    checkpoint: str  # an export directory (RUN/best)
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
+    max_upload_bytes: int = 20 * MEGABYTE  # the whole request body; larger is refused with 413 while it streams in
+    max_images: int = 16  # files per request
+    topk: int = 5  # brands per image unless the request asks (?topk=K)
+    device: str | None = None  # torch device; None: cuda if available, else cpu
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ServeSettings:
+        raw = json.loads(text)
+        return cls(**{**raw, "batching": BatchingSettings(**raw["batching"])})
+
+
+def settings_from_environment() -> ServeSettings:
+    text = os.environ.get(SETTINGS_VARIABLE)
+    if not text:
+        raise RuntimeError(f"{SETTINGS_VARIABLE} is not set: start the service with `carbrand serve`")
+    return ServeSettings.from_json(text)
