@@ -268,8 +268,9 @@ def newest_complete_checkpoint(run_dir: Path) -> int:
 
 @pytest.mark.slow
 def test_node_failure_requeues_the_job_which_resumes_from_the_newest_complete_checkpoint(cluster, prepared_cars5, tmp_path):
-    """Node n2 dies mid-training: its processes stop dead (SIGSTOP: no FIN, no RST, as a node losing power), SLURM marks
-    it DOWN (what slurmctld does after SlurmdTimeout; done at once here), then they are gone (SIGKILL: the node reboots).
+    """Node n2 dies mid-training: its slurmd and the job's processes there stop dead (SIGSTOP: no FIN, no RST, as a node
+    losing power), SLURM marks it DOWN (what slurmctld does after SlurmdTimeout; done at once here), then the job's
+    processes there are gone (SIGKILL) and its slurmd comes back (the node rebooted).
 
     SLURM requeues a batch job on a node failure when it may be requeued: `#SBATCH --requeue` in slurm/train.sbatch, or
     JobRequeue=1 in slurm.conf (the cluster's default for jobs without --requeue/--no-requeue; set in the test cluster).
@@ -286,22 +287,29 @@ def test_node_failure_requeues_the_job_which_resumes_from_the_newest_complete_ch
         assert state.get("JobState") in ("PENDING", "RUNNING"), (state, log.read_text()[-4000:] if log.exists() else "")
         assert time.monotonic() < deadline, "no step past the first checkpoint in 300 s"
         time.sleep(0.1)
-    dead = job_processes(job, "n2")
-    assert dead, "no process of the job on n2"
+    tasks = job_processes(job, "n2")
+    assert tasks, "no process of the job on n2"
+    # the whole node: its slurmd and the job's slurmstepd there (the tasks' parent) stop too, or SLURM's clean-up
+    # would wake the tasks (SIGCONT, SIGTERM) and they would stop gracefully, as no dead node can
+    stepds = {task.parent() for task in tasks if task.parent() and task.parent().name().startswith("slurmstepd")}
+    slurmd = psutil.Process(cluster.processes["slurmd-n2"].pid)
+    dead = [slurmd, *stepds, *tasks]
     try:
         for process in dead:
             process.suspend()
         cluster.run(["scontrol", "update", "NodeName=n2", "State=DOWN", "Reason=carbrand-test-node-failure"])
         wait_for_requeue(cluster, job)
-        kill_all(dead)
-        psutil.wait_procs(dead, timeout=30)
+        kill_all([*stepds, *tasks])  # the node reboots: the job's processes there are gone, slurmd comes back
+        psutil.wait_procs([*stepds, *tasks], timeout=30)
+        slurmd.resume()
         deadline = time.monotonic() + 120  # the first node's share ends (SIGTERM, then the stop deadline)
         while job_processes(job, "n1") and time.monotonic() < deadline:
             time.sleep(0.2)
         newest = newest_complete_checkpoint(run_dir)
         failed_at = max(logged_train_steps(run_dir))
     finally:
-        kill_all(dead)
+        kill_all([*stepds, *tasks])
+        slurmd.resume()
         cluster.run(["scontrol", "update", "NodeName=n2", "State=RESUME"], check=False)  # back after its reboot
     final = cluster.wait_for_end(job, timeout=600)
     text = log.read_text()
