@@ -24,11 +24,13 @@ from typing import Any
 import torch
 import yaml
 from accelerate.utils import broadcast_object_list, gather_object
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 
 from carbrand.config import Config, config_from_dict, safe_yaml_load, save_config
+from carbrand.disk_space import warn_if_short_of_space
 from carbrand.errors import CarbrandError, ConfigError, first_line
-from carbrand.filesystem import write_directory_atomically
+from carbrand.filesystem import read_directory_consistently, write_directory_atomically
 from carbrand.model import load_failure_reason, safe_torch_load
 
 STEP_PATTERN = re.compile(r"^step_(\d+)$")
@@ -63,29 +65,34 @@ def save_export(directory: Path, state_dict: dict[str, torch.Tensor], classes: l
 
 
 def load_export(directory: str | Path) -> Export:
-    """Read an export (best/, a step checkpoint, or a copy) with one-line errors for anything off."""
+    """Read an export (best/, a step checkpoint, or a copy) with one-line errors for anything off.
+
+    The files are read as one version even while training replaces best/ (read_directory_consistently).
+    """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CarbrandError(f"checkpoint {directory} is a file; expected an export directory such as RUN/best")
-    if not directory.is_dir():
-        raise CarbrandError(f"checkpoint not found: {directory} (expected a directory such as RUN/best)")
-    missing = [name for name in EXPORT_FILES if not (directory / name).is_file()]
+    try:
+        files = read_directory_consistently(directory, EXPORT_FILES)
+    except (FileNotFoundError, NotADirectoryError):
+        raise CarbrandError(f"checkpoint not found: {directory} (expected a directory such as RUN/best)") from None
+    missing = [name for name in EXPORT_FILES if files[name] is None]
     if missing:
         raise CarbrandError(f"{directory} is not a carbrand export: missing {', '.join(missing)}")
     try:
-        state_dict = load_file(str(directory / MODEL_FILE))
+        state_dict = load_safetensors_bytes(files[MODEL_FILE])
     except Exception:
         raise CarbrandError(f"{directory / MODEL_FILE} is not a valid safetensors file") from None
     try:
-        classes = json.loads((directory / "classes.json").read_text())
+        classes = json.loads(files["classes.json"])
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CarbrandError(f"{directory / 'classes.json'} is not valid JSON") from None
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise CarbrandError(f"{directory / 'classes.json'} must be a non-empty list of brand names")
     try:
-        raw = safe_yaml_load((directory / "config.yaml").read_text())
+        raw = safe_yaml_load(files["config.yaml"].decode("utf-8"))
         config = config_from_dict(raw or {})
-    except (yaml.YAMLError, ConfigError) as error:
+    except (yaml.YAMLError, ConfigError, UnicodeDecodeError) as error:
         # YAML errors add a source excerpt after the first line
         raise CarbrandError(f"{directory / 'config.yaml'} is not a valid carbrand config ({first_line(error)})") from None
     return Export(directory=directory, state_dict=state_dict, classes=classes, config=config)
@@ -135,6 +142,8 @@ def save_training_checkpoint(
         (into / "classes.json").write_text(json.dumps(classes, indent=2, ensure_ascii=False) + "\n")
         save_config(config, into / "config.yaml")
 
+    existing = step_checkpoints(run_dir)
+    warn_if_short_of_space(run_dir, existing[-1][1] if existing else None, [model_state, ema_state, training_state])
     final = write_directory_atomically(run_dir / "checkpoints" / f"step_{step}", write)
     try:
         _point_last_at(run_dir, final)

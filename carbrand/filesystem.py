@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,12 +18,25 @@ from safetensors import SafetensorError
 
 from carbrand.errors import CarbrandError, first_line
 
+FULL_DISK_BYTES = 1 << 20  # less free than this after a failed write: the disk is what failed it
+
 
 def io_reason(error: BaseException) -> str:
     """'No space left on device', not 'Error while serializing: I/O error: No space left on device (os error 28)'."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return re.sub(r"^.*I/O error: (.*?)( \(os error \d+\))?$", r"\1", first_line(error))
+
+
+def write_failure_reason(error: BaseException, folder: Path) -> str:
+    """io_reason, except that torch.save reports a full disk as 'unexpected pos N vs M': then name the full disk."""
+    if not isinstance(error, OSError):
+        try:
+            if shutil.disk_usage(folder).free < FULL_DISK_BYTES:
+                return "No space left on device"
+        except OSError:
+            pass
+    return io_reason(error)
 
 
 def write_directory_atomically(final: Path, write_into: Callable[[Path], None]) -> Path:
@@ -51,11 +65,12 @@ def write_directory_atomically(final: Path, write_into: Callable[[Path], None]) 
         else:
             os.rename(temporary, final)
     except BaseException as error:
+        reason = write_failure_reason(error, final.parent)  # before the cleanup frees the space again
         shutil.rmtree(temporary, ignore_errors=True)
         if retired.exists() and not final.exists():
             os.rename(retired, final)
         if isinstance(error, (OSError, SafetensorError, RuntimeError)):  # safetensors and torch.save wrap I/O errors
-            raise CarbrandError(f"could not write {final} ({io_reason(error)}); the previous copy, if any, is intact") from None
+            raise CarbrandError(f"could not write {final} ({reason}); the previous copy, if any, is intact") from None
         raise
     return final
 
@@ -101,3 +116,78 @@ def check_run_dir_writable(run_dir: Path) -> None:
     except OSError as error:
         raise CarbrandError(f"run directory {run_dir} is not writable ({error.strerror or error}); "
                             f"set output.dir to a writable directory") from None
+
+
+class DirectoryReplaced(Exception):
+    """The directory was replaced while it was being read (write_directory_atomically ran meanwhile)."""
+
+
+READ_ATTEMPTS = 4
+SWAP_WAIT_S = 0.02
+
+
+def read_directory_consistently(directory: Path, names: tuple[str, ...]) -> dict[str, bytes | None]:
+    """The named files of one version of `directory` (None for a file it lacks), even while it is being replaced.
+
+    write_directory_atomically replaces a directory by renaming the old one aside and the new one
+    in, then deleting the old one. A reader that opened files by path could get some from the old
+    version and some from the new, or find one gone. Here every file is opened through one handle
+    on the directory, all before any is read: they belong to one version, and stay readable after
+    it is deleted. If that version was deleted before all were open, or the directory is missing
+    while a swap is under way (a `.old-`/`.tmp-` sibling exists), the read starts again (a few
+    times, a few milliseconds apart). A missing directory without a swap raises FileNotFoundError.
+    """
+    for attempt in range(READ_ATTEMPTS):
+        last = attempt == READ_ATTEMPTS - 1
+        try:
+            return _read_one_version(directory, names)
+        except FileNotFoundError:
+            if last or not _swap_under_way(directory):
+                raise
+        except DirectoryReplaced:
+            if last:
+                raise FileNotFoundError(f"{directory} was replaced {READ_ATTEMPTS} times while it was read") from None
+        time.sleep(SWAP_WAIT_S)
+    raise AssertionError("unreachable")
+
+
+def _read_one_version(directory: Path, names: tuple[str, ...]) -> dict[str, bytes | None]:
+    handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    files: dict[str, int | None] = {}
+    try:
+        for name in names:
+            try:
+                files[name] = os.open(name, os.O_RDONLY, dir_fd=handle)
+            except FileNotFoundError:
+                files[name] = None
+        if any(fd is None for fd in files.values()) and _replaced(directory, handle):
+            raise DirectoryReplaced(directory)  # deleted under us, not an incomplete directory
+        contents = {}
+        for name, fd in files.items():
+            if fd is None:
+                contents[name] = None
+                continue
+            with os.fdopen(fd, "rb") as stream:
+                files[name] = None  # closed by the `with`
+                contents[name] = stream.read()
+        return contents
+    finally:
+        for fd in files.values():
+            if fd is not None:
+                os.close(fd)
+        os.close(handle)
+
+
+def _replaced(directory: Path, handle: int) -> bool:
+    try:
+        return os.stat(directory).st_ino != os.fstat(handle).st_ino or os.fstat(handle).st_nlink == 0
+    except FileNotFoundError:
+        return True
+
+
+def _swap_under_way(directory: Path) -> bool:
+    prefixes = (f".old-{directory.name}-", f".tmp-{directory.name}-")
+    try:
+        return any(child.name.startswith(prefixes) for child in directory.parent.iterdir())
+    except OSError:
+        return False

@@ -5,6 +5,8 @@ so callers never check ranks. W&B is optional at every level: not installed, dis
 or unreachable in online mode, training goes on and the local log stays complete
 (one warning, never a crash). The usual WANDB_* variables win over the config
 (WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME, WANDB_DIR, WANDB_BASE_URL, WANDB_API_KEY).
+A server that goes away mid-run is seen at the end: `finish` waits CARBRAND_WANDB_FINISH_TIMEOUT
+seconds (120) for the upload, then warns once and leaves the data on disk for `wandb sync`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Tracker:
         self.metrics_path = run_dir / metrics_file
         self.run = None
         self._warned = False
+        self.finish_timeout_s = float(os.environ.get("CARBRAND_WANDB_FINISH_TIMEOUT", "120"))
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             self.run = self._start_wandb(run_dir, config, job_type)
@@ -60,6 +63,9 @@ class Tracker:
                 resume="allow" if job_type == "train" else None,
                 config=config.to_dict(),
                 settings=wandb.Settings(init_timeout=float(os.environ.get("CARBRAND_WANDB_INIT_TIMEOUT", "60")),
+                                        # a server gone mid-run: finish() gives up after this instead of retrying for
+                                        # hours at the end of the job, and raises, so that we can say so once
+                                        finish_timeout=self.finish_timeout_s, finish_timeout_raises=True,
                                         console="off", silent=True),
             )
         except Exception as error:  # no network, bad key, server down: the run must not die for it
@@ -95,9 +101,16 @@ class Tracker:
             self._wandb_call(lambda run: run.summary.update({k: _plain(v) for k, v in values.items()}))
 
     def finish(self, exit_code: int = 0) -> None:
-        if self.run is not None:
-            self._wandb_call(lambda run: run.finish(exit_code=exit_code))
-            self.run = None
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        try:
+            run.finish(exit_code=exit_code)
+        except TimeoutError:  # the server went away mid-run (network down, server gone): log() never raises for it
+            self._warn(f"W&B did not take this run's data within {self.finish_timeout_s:.0f} s at the end (server "
+                       f"unreachable?); it stays on disk for `wandb sync {_sync_dir(run)}`; {self.metrics_path} is complete")
+        except Exception as error:
+            self._warn(f"W&B logging failed ({type(error).__name__}: {first_line(error)}); continuing with metrics.jsonl only")
 
     def _wandb_call(self, call) -> None:
         if self.run is None:
@@ -112,6 +125,13 @@ class Tracker:
         if not self._warned:  # one warning per run, not one per step
             print(f"carbrand: warning: {message}", file=sys.stderr, flush=True)
             self._warned = True
+
+
+def _sync_dir(run) -> str:
+    try:
+        return str(run.settings.sync_dir)
+    except Exception:  # an older or newer wandb without it: the run's own folder
+        return str(getattr(run, "dir", "WANDB_DIR"))
 
 
 def _plain(value: Any) -> Any:

@@ -71,6 +71,7 @@ from carbrand.model import build_model, load_classifier_state
 from carbrand.optimization import Schedule, build_optimizer, build_scheduler, peak_learning_rate
 from carbrand.precision import input_dtype
 from carbrand.preemption import EXIT_CODE_PREEMPTED, StopRequest
+from carbrand.run_lock import RunDirLock, lock_run_dir
 from carbrand.throughput import ThroughputWindow
 from carbrand.tracking import Tracker
 
@@ -118,12 +119,14 @@ class Run:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/cars5_cpu.yaml")
+    parser.add_argument("--force-unlock", action="store_true",
+                        help="take over output.dir's lock left by a training on another host that is gone")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=0.05")
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
-    return train(config)
+    return train(config, force_unlock=args.force_unlock)
 
 
 def make_accelerator(config: Config) -> Accelerator:
@@ -154,14 +157,15 @@ def make_accelerator(config: Config) -> Accelerator:
     )
 
 
-def train(config: Config) -> int:
+def train(config: Config, force_unlock: bool = False) -> int:
     accelerator = make_accelerator(config)
     heartbeat = Heartbeat(accelerator.process_index, accelerator.num_processes)
     # Installed for the whole run: the SIGTERM a launcher sends survivors when a peer dies is then
     # only recorded, and this rank still gets to say which peer was lost.
     stop_request = StopRequest(deadline_s=config.train.stop_deadline_s, run_dir=Path(config.output.dir))
+    run_lock = RunDirLock(Path(config.output.dir), force=force_unlock)  # taken by set_up before the first write
     try:
-        return train_with(config, accelerator, stop_request)
+        return train_with(config, accelerator, stop_request, run_lock)
     except RuntimeError as error:
         # A collective failed (a peer's connection reset) or timed out: name the lost rank in one line.
         lost = heartbeat.describe_lost_peers() if accelerator.num_processes > 1 else None
@@ -172,12 +176,13 @@ def train(config: Config) -> int:
         raise CarbrandError(f"rank {accelerator.process_index} stops: {lost}; a collective failed ({reason}); "
                             f"restart the job to resume from the newest checkpoint") from None
     finally:
+        run_lock.release()
         stop_request.restore()
         heartbeat.stop()
 
 
-def train_with(config: Config, accelerator: Accelerator, stop_request: StopRequest) -> int:
-    run = set_up(config, accelerator)
+def train_with(config: Config, accelerator: Accelerator, stop_request: StopRequest, run_lock: RunDirLock | None = None) -> int:
+    run = set_up(config, accelerator, run_lock)
     exit_code = 1  # what W&B records if the loop raises
     try:
         exit_code = train_loop(run, stop_request)
@@ -198,8 +203,8 @@ def train_with(config: Config, accelerator: Accelerator, stop_request: StopReque
     return exit_code
 
 
-def set_up(config: Config, accelerator: Accelerator) -> Run:
-    """Data -> model -> optimizer -> schedule -> resume -> prepare -> EMA -> tracker, in that order.
+def set_up(config: Config, accelerator: Accelerator, run_lock: RunDirLock | None = None) -> Run:
+    """Data -> model -> optimizer -> schedule -> resume -> lock -> prepare -> EMA -> tracker, in that order.
 
     Every input, the resume checkpoint included, is read and checked before the run
     directory is touched: bad input writes nothing.
@@ -247,6 +252,8 @@ def set_up(config: Config, accelerator: Accelerator) -> Run:
         checkpoint = load_resume_checkpoint(accelerator, resumed_from)
         progress = restore_training_state(checkpoint, model, optimizer, scheduler, accelerator, world_size)
     # Every input is read and valid: only now touch the disk, and fail here, not hours later, if it cannot be written.
+    if run_lock is not None:  # one writer per run directory: rank 0 takes the lock, the others wait for its answer
+        lock_run_dir(accelerator, run_lock, t.resume, resumed_from)
     if accelerator.is_main_process:
         check_run_dir_writable(run_dir)
         save_config(config, run_dir / "config.yaml")

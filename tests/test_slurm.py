@@ -242,6 +242,113 @@ def test_topology_passes_the_jobs_cpus_per_task_on_to_srun(tmp_path):
     assert resolve_topology(tmp_path, SRUN_CPUS_PER_TASK="64")["SRUN_CPUS_PER_TASK"] == ""
 
 
+def job_processes(job: str, node: str) -> list[psutil.Process]:
+    """Every process of the job's tasks on `node` (launcher, torchrun, ranks), found by their SLURM environment."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            environ = process.environ()
+        except psutil.Error:
+            continue  # ended while we looked, or not ours to read
+        if environ.get("SLURM_JOB_ID") == job and environ.get("SLURMD_NODENAME") == node:
+            found.append(process)
+    return found
+
+
+def logged_train_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()
+            if line.endswith("}") and '"train/loss"' in line] if path.exists() else []
+
+
+def newest_complete_checkpoint(run_dir: Path) -> int:
+    return max(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")
+               if (p / "model.safetensors").is_file() and (p / "training_state.pt").is_file())
+
+
+@pytest.mark.slow
+def test_node_failure_requeues_the_job_which_resumes_from_the_newest_complete_checkpoint(cluster, prepared_cars5, tmp_path):
+    """Node n2 dies mid-training: its slurmd and the job's processes there stop dead (SIGSTOP: no FIN, no RST, as a node
+    losing power), SLURM marks it DOWN (what slurmctld does after SlurmdTimeout; done at once here), then the job's
+    processes there are gone (SIGKILL) and its slurmd comes back (the node rebooted).
+
+    SLURM requeues a batch job on a node failure when it may be requeued: `#SBATCH --requeue` in slurm/train.sbatch, or
+    JobRequeue=1 in slurm.conf (the cluster's default for jobs without --requeue/--no-requeue; set in the test cluster).
+    """
+    run_dir, log, total = tmp_path / "run", tmp_path / "train.log", 6
+    # 32 px, the loading in the training process: a short job, whose restarts cost little
+    job = cluster.run(train_job("--parsable", prepared_cars5, run_dir, log, "data.image_size=32", "data.workers=0",
+                                "data.loader=torchvision", f"train.max_steps={total}", "train.log_every=1",
+                                "train.checkpoint_every_steps=2", "train.stop_deadline_s=3"),
+                      env=job_environment(cluster, processes_per_node=1), cwd=REPO).stdout.strip()
+    deadline = time.monotonic() + 300
+    while not [step for step in logged_train_steps(run_dir) if step > 2]:  # checkpoint 2 complete, a step past it
+        state = cluster.job_state(job)
+        assert state.get("JobState") in ("PENDING", "RUNNING"), (state, log.read_text()[-4000:] if log.exists() else "")
+        assert time.monotonic() < deadline, "no step past the first checkpoint in 300 s"
+        time.sleep(0.1)
+    tasks = job_processes(job, "n2")
+    assert tasks, "no process of the job on n2"
+    # the whole node: its slurmd and the job's slurmstepd there (the tasks' parent) stop too, or SLURM's clean-up
+    # would wake the tasks (SIGCONT, SIGTERM) and they would stop gracefully, as no dead node can
+    stepds = {task.parent() for task in tasks if task.parent() and task.parent().name().startswith("slurmstepd")}
+    slurmd = psutil.Process(cluster.processes["slurmd-n2"].pid)
+    dead = [slurmd, *stepds, *tasks]
+    try:
+        for process in dead:
+            process.suspend()
+        cluster.run(["scontrol", "update", "NodeName=n2", "State=DOWN", "Reason=carbrand-test-node-failure"])
+        wait_for_requeue(cluster, job)
+        kill_all([*stepds, *tasks])  # the node reboots: the job's processes there are gone, slurmd comes back
+        psutil.wait_procs([*stepds, *tasks], timeout=30)
+        slurmd.resume()
+        deadline = time.monotonic() + 120  # the first node's share ends (SIGTERM, then the stop deadline)
+        while job_processes(job, "n1") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        newest = newest_complete_checkpoint(run_dir)
+        failed_at = max(logged_train_steps(run_dir))
+    finally:
+        kill_all([*stepds, *tasks])
+        slurmd.resume()
+        cluster.run(["scontrol", "update", "NodeName=n2", "State=RESUME"], check=False)  # back after its reboot
+    final = cluster.wait_for_end(job, timeout=600)
+    text = log.read_text()
+    assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", (final, text[-4000:])
+    assert final["Restarts"] == "1", final
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{newest}'} at step {newest} (restart 1)" in text, text[-4000:]
+    assert newest < failed_at < total, (newest, failed_at)
+
+    records = read_metrics(run_dir)
+    restart = next(i for i, r in enumerate(records) if r.get("run/restarts") == 1)
+    before = [r["step"] for r in records[:restart] if "train/loss" in r]
+    after = [r["step"] for r in records[restart:] if "train/loss" in r]
+    assert before == list(range(1, failed_at + 1)), before  # nothing lost before the failure
+    # the steps after the checkpoint are replayed, once, and nothing else: every step once more, none skipped
+    assert after == list(range(newest + 1, total + 1)), after
+    assert last_value(records, "run/restarts") == 1 and last_value(records, "run/ranks_agree") is True
+    assert not (run_dir / "train.lock").exists(), "the lock is released at the end"
+    assert (run_dir / "best" / "model.safetensors").is_file()
+
+
+def kill_all(processes: list[psutil.Process]) -> None:
+    for process in processes:
+        try:
+            process.kill()  # also a stopped one
+        except psutil.Error:
+            pass  # already gone: SLURM's own clean-up got there first
+
+
+def wait_for_requeue(cluster: SlurmCluster, job: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = cluster.job_state(job)
+        if state.get("Restarts", "0") != "0" and state.get("JobState") in ("PENDING", "REQUEUED", "REQUEUE_HOLD"):
+            return
+        assert state.get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"), f"ended instead of requeued: {state}"
+        time.sleep(0.2)
+    pytest.fail(f"job {job} was not requeued within {timeout} s of the node failure: {cluster.job_state(job)}")
+
+
 # README promises about the SLURM defaults (issue 18): OMP_NUM_THREADS, the port rule, a time limit without warning.
 
 @pytest.mark.parametrize(("variables", "threads"), [
