@@ -105,22 +105,40 @@ def _decode(task: VerifyTask, data: bytes, sha1: str, limits: Limits) -> ImageCh
         return _reject(task, f"too small: {width}x{height}, short side below min_side {limits.min_side}", sha1)
     phash = int(str(imagehash.phash(oriented)), 16)
     if task.crop_box is not None:
-        width, height = _write_crop(image, task, limits)
+        region = crop_region(image.size, task.crop_box)
+        if isinstance(region, str):
+            return _reject(task, region, sha1)
+        width, height = _write_crop(image, region, task)
         if min(width, height) < limits.min_side:
             return _reject(task, f"crop too small: {width}x{height}, short side below min_side {limits.min_side}", sha1)
     return ImageCheck(path=task.path, accepted=True, width=width, height=height, sha1=sha1, phash=phash)
 
 
-def _write_crop(image, task: VerifyTask, limits: Limits) -> tuple[int, int]:
+def crop_region(size: tuple[int, int], box: tuple[int, int, int, int]) -> tuple[int, int, int, int] | str:
+    """The pixels (left, top, right, bottom) a 1-based inclusive box selects in a stored image of `size`, or why none.
+
+    Boxes may overrun the image by a pixel (the devkit has such boxes: kept, clipped). A file the
+    size of its box that the box does not fit is a copy already cropped to the box (copies of
+    Stanford Cars published that way exist): it is used whole. A box mostly outside the image
+    belongs to another copy of the photo: rejected, never a crop of the wrong pixels.
+    """
+    width, height = size
+    x1, y1, x2, y2 = box
+    overruns = x2 > width + 1 or y2 > height + 1
+    if overruns and (width, height) in ((x2 - x1, y2 - y1), (x2 - x1 + 1, y2 - y1 + 1)):
+        return 0, 0, width, height
+    left, top, right, bottom = max(0, x1 - 1), max(0, y1 - 1), min(width, x2), min(height, y2)
+    inside = max(0, right - left) * max(0, bottom - top)
+    if 2 * inside < (x2 - x1 + 1) * (y2 - y1 + 1):
+        return f"bounding box {x1},{y1},{x2},{y2} lies mostly outside the {width}x{height} image (an annotation for another copy of this photo?)"
+    return left, top, right, bottom
+
+
+def _write_crop(image, region: tuple[int, int, int, int], task: VerifyTask) -> tuple[int, int]:
     from carbrand.data.images import upright_rgb
 
     # Boxes were drawn on the stored pixels, so crop before applying the EXIF orientation.
-    x1, y1, x2, y2 = task.crop_box
-    left, top = max(0, x1 - 1), max(0, y1 - 1)
-    right, bottom = min(image.width, x2), min(image.height, y2)
-    if right <= left or bottom <= top:
-        return 0, 0
-    crop = upright_rgb(image.crop((left, top, right, bottom)))
+    crop = upright_rgb(image.crop(region))
     task.crop_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = task.crop_path.with_name(task.crop_path.name + f".{os.getpid()}.tmp")
     crop.save(temporary, format="JPEG", quality=95)
