@@ -239,7 +239,7 @@ def test_train_two_processes_then_evaluate_and_predict_on_the_sample(prepared_sa
     assert_ok(evaluation)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["samples"] == len(read_csv(prepared / "test.csv")) and 0 <= metrics["accuracy"] <= 1
-    photo = sample_dir / "cars_train" / "00001.jpg"  # an Audi TTS Coupe 2012
+    photo = sorted((sample_dir / "cars_train").glob("*.jpg"))[0]
     assert predict.main(["--checkpoint", str(run_dir / "best"), str(photo), "--json", "--topk", "3"]) == 0
     prediction = json.loads(capsys.readouterr().out)["predictions"][0]
     assert len(prediction["topk"]) == 3 and all(entry["brand"] in annotated_makes(sample_dir) for entry in prediction["topk"])
