@@ -13,9 +13,10 @@ pair) and near-linear on real hash sets:
    in the first band where the two agree and dropped from later ones.
 3. A bucket larger than BUCKET_LIMIT (a pathological set: thousands of photos sharing a
    band, e.g. flat backgrounds) is not compared all-pairs: its members are searched again
-   on their remaining bits, split into max_distance + 1 sub-bands, and so on. Every level
-   removes a band's worth of bits; a bucket with fewer free bits than bands holds at most
-   2**free_bits distinct hashes, all near each other (then the output itself is that big).
+   on their remaining bits that still vary, cut into max_distance + 1 sub-bands, up to
+   MAX_DEPTH levels. A bucket with fewer varying bits than bands holds at most
+   2**bits distinct hashes, all near each other (the output itself is then that big); one
+   still crowded at MAX_DEPTH is compared within itself, in O(n) memory.
 
 The work is sorting (n log n per band) plus the bucket comparisons, about
 n²/2**band_bits per band for random hashes. Memory is O(n): candidates are made one
