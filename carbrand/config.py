@@ -24,7 +24,7 @@ from carbrand.precision import PRECISIONS
 
 @dataclass
 class DataConfig:
-    manifest: str = "data/demo/prepared"  # directory written by `carbrand prepare --out`
+    manifest: str = "demo/prepared"  # directory written by `carbrand prepare --out` (default: where `carbrand demo` writes)
     loader: str = "auto"  # auto (dali if installed, else torchvision) | dali | torchvision | memory (noise, for benchmarks)
     decode: str = "auto"  # auto (gpu when CUDA is there) | gpu (nvJPEG/HW decoder) | cpu
     image_size: int = 224  # square training / evaluation crop, pixels

@@ -1,5 +1,6 @@
 """Train a car-brand classifier (ResNet-50 by default) with Accelerate DDP, AMP and channels-last.
 
+    accelerate launch carbrand/train.py        # configs/default.yaml on the demo data (`carbrand demo` first)
     accelerate launch carbrand/train.py --config configs/stanford_cars.yaml
     accelerate launch --multi_gpu --num_processes 8 carbrand/train.py --config configs/stanford_cars.yaml optim.lr=0.2
     accelerate launch --multi_gpu --num_processes 2 carbrand/train.py --config configs/cars5_cpu.yaml
@@ -23,7 +24,6 @@ import hashlib
 import re
 import signal
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +63,7 @@ from carbrand.data.loader_base import EvalLoader, TrainLoader
 from carbrand.data.loaders import build_eval_loader, build_train_loader, resolve_backend
 from carbrand.data.manifest import load_prepared
 from carbrand.divergence import DivergenceGuard, ScalerSkips
-from carbrand.errors import CarbrandError, ConfigError, first_line
+from carbrand.errors import CarbrandError, ConfigError, DataError, first_line
 from carbrand.filesystem import check_run_dir_writable
 from carbrand.heartbeat import Heartbeat
 from carbrand.metrics import confusion_matrix, summarize
@@ -74,6 +74,9 @@ from carbrand.preemption import EXIT_CODE_PREEMPTED, StopRequest
 from carbrand.run_lock import RunDirLock, lock_run_dir
 from carbrand.throughput import ThroughputWindow
 from carbrand.tracking import Tracker
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RECIPE = REPO / "configs" / "default.yaml"  # what `accelerate launch carbrand/train.py` trains with no --config
 
 
 @dataclass
@@ -118,14 +121,17 @@ class Run:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/cars5_cpu.yaml")
+    parser.add_argument("--config", default=None, help="YAML recipe, e.g. configs/cars5_cpu.yaml (default: configs/default.yaml)")
     parser.add_argument("--force-unlock", action="store_true",
                         help="take over output.dir's lock left by a training on another host that is gone")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=0.05")
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config or DEFAULT_RECIPE, args.overrides)
+    if args.config is None and not Path(config.data.manifest).exists():
+        raise DataError(f"no dataset at {config.data.manifest}, where {DEFAULT_RECIPE.relative_to(REPO)} trains: run `carbrand demo` "
+                        "to make it, or `carbrand prepare SOURCE --out DIR` and then --config with data.manifest=DIR")
     return train(config, force_unlock=args.force_unlock)
 
 

@@ -120,3 +120,98 @@ def test_no_image_folder_asks_for_images(stand_in, tmp_path):
 
     with pytest.raises(UsageError, match="--images"):
         prepare_dataset(devkit, tmp_path / "out", quiet=True)
+
+
+# --- The real Stanford Cars sample (../shared/data/stanford_cars_sample: 1,565 photos, 49 makes) end to end ---
+
+SAMPLE_PHOTOS = 1565
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    from tests.conftest import shared_folder
+
+    return shared_folder("stanford_cars_sample", "Stanford Cars sample")
+
+
+@pytest.fixture(scope="session")
+def prepared_sample(sample_dir, tmp_path_factory):
+    """The sample prepared with the defaults, once per session: (summary, output folder)."""
+    out = tmp_path_factory.mktemp("prepared_stanford_cars")
+    return prepare_dataset(sample_dir, out, format="stanford-cars", quiet=True), out
+
+
+@pytest.fixture(scope="session")
+def prepared_sample_crops(sample_dir, tmp_path_factory):
+    """The sample prepared with --crop-boxes, once per session: (summary, output folder)."""
+    out = tmp_path_factory.mktemp("prepared_stanford_cars_crops")
+    return prepare_dataset(sample_dir, out, format="stanford-cars", crop_boxes=True, quiet=True), out
+
+
+def annotated_makes(sample_dir: Path) -> dict[str, int]:
+    from collections import Counter
+
+    names = read_class_names(sample_dir / "devkit")
+    return dict(Counter(make_of(names[a.class_index]) for a in read_annotations(sample_dir / "devkit" / "cars_train_annos.mat", len(names))))
+
+
+def all_counts(summary) -> dict[str, int]:
+    return {brand: sum(summary.counts[split][brand] for split in summary.counts) for brand in summary.classes}
+
+
+def test_the_sample_prepares_with_every_photo_and_the_annotated_makes(prepared_sample, sample_dir):
+    summary, out = prepared_sample
+    assert summary.rejected == []  # the default --min-side keeps the real thumbnails (short side down to 35 px)
+    expected = annotated_makes(sample_dir)
+    assert len(expected) == 49 and sum(expected.values()) == SAMPLE_PHOTOS
+    assert summary.classes == sorted(expected) and all_counts(summary) == expected
+    assert json.loads((out / "classes.json").read_text()) == sorted(expected)
+    rows = sum(len(read_csv(out / f"{split}.csv")) for split in ("train", "val", "test"))
+    assert rows == SAMPLE_PHOTOS and summary.manifest["image_sizes"]["min_short_side"] < 64
+
+
+def test_the_sample_prepares_with_crop_boxes(prepared_sample_crops, sample_dir):
+    """The sample's files are the annotated boxes already cropped (each is exactly (x2-x1) x (y2-y1)): used whole."""
+    from PIL import Image
+
+    summary, out = prepared_sample_crops
+    assert summary.rejected == [] and all_counts(summary) == annotated_makes(sample_dir)
+    for row in read_csv(out / "train.csv")[:20]:
+        with Image.open(sample_dir / "cars_train" / Path(row["path"]).name) as photo, Image.open(out / "crops" / row["path"]) as crop:
+            assert crop.size == photo.size
+
+
+def test_crop_regions_of_real_boxes():
+    from carbrand.prepare.verify import crop_region
+
+    assert crop_region((600, 400), (39, 116, 569, 375)) == (38, 115, 569, 375)  # 00001.jpg in the full dataset
+    assert crop_region((88, 35), (1, 1, 88, 36)) == (0, 0, 88, 35)  # the devkit's 1-pixel overrun: clipped
+    assert crop_region((3159, 1176), (190, 780, 3349, 1956)) == (0, 0, 3159, 1176)  # the sample's 01579.jpg: pre-cropped
+    assert crop_region((256, 127), (259, 289, 515, 416)) == (0, 0, 256, 127)  # the sample's 00006.jpg: pre-cropped too
+    assert "mostly outside the 256x127 image" in crop_region((256, 127), (100, 50, 600, 400))  # another copy's box
+
+
+def test_train_two_processes_then_evaluate_and_predict_on_the_sample(prepared_sample_crops, sample_dir, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from carbrand import predict
+    from tests.helpers.subprocesses import assert_ok, subprocess_environment
+    from tests.helpers.training_runs import read_metrics, run_training
+
+    _, prepared = prepared_sample_crops
+    run_dir = tmp_path / "run"
+    result = run_training(prepared, run_dir, "data.image_size=32", "data.batch_size=16", "train.max_steps=3",
+                          "train.log_every=1", "data.workers=1", num_processes=2)
+    assert_ok(result)
+    assert any(record.get("step") == 3 for record in read_metrics(run_dir))
+    evaluation = subprocess.run([sys.executable, "-m", "carbrand.evaluate", "--checkpoint", str(run_dir / "best"), "--data",
+                                 str(prepared), "--split", "test", "--out", str(tmp_path / "eval")],
+                                capture_output=True, text=True, timeout=600, env=subprocess_environment())
+    assert_ok(evaluation)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["samples"] == len(read_csv(prepared / "test.csv")) and 0 <= metrics["accuracy"] <= 1
+    photo = sorted((sample_dir / "cars_train").glob("*.jpg"))[0]
+    assert predict.main(["--checkpoint", str(run_dir / "best"), str(photo), "--json", "--topk", "3"]) == 0
+    prediction = json.loads(capsys.readouterr().out)["predictions"][0]
+    assert len(prediction["topk"]) == 3 and all(entry["brand"] in annotated_makes(sample_dir) for entry in prediction["topk"])

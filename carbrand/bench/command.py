@@ -4,6 +4,8 @@
     carbrand bench train --config configs/cars5_cpu.yaml --precisions no,bf16
     carbrand bench train --config configs/stanford_cars.yaml data.batch_size=256 --compile off,on   (GPU host)
     carbrand bench serve --checkpoint demo/run/best --photos ../shared/data/cars5/test       (docs/SERVING.md)
+    carbrand bench duplicates --sizes 10000,100000,1000000          # near-duplicate search, 1M hashes
+    carbrand bench prepare-rows --rows 1000000                       # prepare's memory at 1M manifest rows
 
 docs/BENCHMARKS.md explains the method and holds the figures measured so far.
 """
@@ -14,13 +16,15 @@ import argparse
 import json
 from pathlib import Path
 
-from carbrand.bench import data_throughput, serve_load, train_throughput
+from carbrand.bench import data_throughput, duplicate_search, prepare_rows, serve_load, train_throughput
 from carbrand.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    subparsers = parser.add_subparsers(dest="what", required=True, metavar="data|train|serve")
-    for name, module in (("data", data_throughput), ("train", train_throughput), ("serve", serve_load)):
+    subparsers = parser.add_subparsers(dest="what", required=True, metavar="data|train|serve|duplicates|prepare-rows")
+    benchmarks = (("data", data_throughput), ("train", train_throughput), ("serve", serve_load),
+                  ("duplicates", duplicate_search), ("prepare-rows", prepare_rows))
+    for name, module in benchmarks:
         sub = subparsers.add_parser(name, help=(module.__doc__ or "").splitlines()[0],
                                     description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
@@ -34,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
         report = data_throughput.run_data_benchmark(args)
     elif args.what == "serve":
         report = serve_load.run_serve_benchmark(args)
+    elif args.what == "duplicates":
+        report = duplicate_search.run_duplicate_benchmark(args)
+    elif args.what == "prepare-rows":
+        report = prepare_rows.run_prepare_rows_benchmark(args)
     else:
         report = train_throughput.run_train_benchmark(args)
     text = json.dumps(report, indent=2)

@@ -19,10 +19,12 @@ from carbrand.errors import CarbrandError
 
 REPO = Path(__file__).resolve().parents[2]  # carbrand/demo/command.py -> the repository
 DEMO_RECIPE = REPO / "configs" / "demo.yaml"
+DEFAULT_OUT = Path("demo")  # relative to where the demo runs
+PREPARED_FOLDER = "prepared"  # OUT/prepared: configs/default.yaml's data.manifest points here
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("demo"), help="folder for everything the demo writes (default: demo)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"folder for everything the demo writes (default: {DEFAULT_OUT})")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated images and the split (default: 0)")
 
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if not DEMO_RECIPE.is_file():
         raise CarbrandError(f"{DEMO_RECIPE} is missing: run the demo from a clone of the repository (pip install -e .)")
     out = args.out.resolve()
-    images, prepared, run_dir = out / "images", out / "prepared", out / "run"
+    images, prepared, run_dir = out / "images", out / PREPARED_FOLDER, out / "run"
 
     step("1/5 generate", f"demo photos of 5 made-up brands in {images}")
     make_demo_dataset(images, seed=args.seed)

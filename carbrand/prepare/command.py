@@ -33,6 +33,7 @@ from carbrand.prepare.manifest_writer import write_prepared
 from carbrand.prepare.sources import discover
 from carbrand.prepare.splits import Leak, SplitPlan, assign_splits
 from carbrand.prepare.verify import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageCheck, Limits, VerifyTask, default_workers, verify_images
+from carbrand.prepare.verify_cache import CACHE_FILE, VerifyCache
 
 DEFAULT_VAL_FRAC = 0.1
 DEFAULT_TEST_FRAC = 0.1  # only for sources without their own test split
@@ -53,6 +54,7 @@ class PrepareOptions:
     keep_leaked: bool = False  # keep training copies of held-out images (reported either way)
     crop_boxes: bool = False  # Stanford Cars: train on the annotated bounding boxes
     quiet: bool = False  # no progress bar, no table
+    verify_cache: bool = True  # reuse OUT/verify_cache.jsonl: a rerun reads only new or changed files
 
 
 @dataclass
@@ -68,6 +70,7 @@ class PrepareSummary:
     warnings: list[str]
     images_per_second: float
     manifest: dict[str, Any] = field(default_factory=dict)
+    read: list[Path] = field(default_factory=list)  # images read this run; the others came from the verification cache
 
     def total(self, split: str) -> int:
         return sum(self.counts.get(split, {}).values())
@@ -94,7 +97,12 @@ def prepare_dataset(source: str | Path, out: str | Path, options: PrepareOptions
     (out / "manifest.json").unlink(missing_ok=True)
 
     tasks = [_task(item, found, out, options.crop_boxes) for item in found.items]
-    verified = verify_images(tasks, Limits(options.min_side, options.max_pixels), options.workers, progress=not options.quiet)
+    cache = VerifyCache(out / CACHE_FILE) if options.verify_cache else None
+    try:
+        verified = verify_images(tasks, Limits(options.min_side, options.max_pixels), options.workers, not options.quiet, cache)
+    finally:
+        if cache is not None:
+            cache.close()
     accepted = [i for i, check in enumerate(verified.checks) if check.accepted]
     rejected = sorted(
         ({"path": _relative(found, check.path), "reason": check.reason} for check in verified.checks if not check.accepted),
@@ -135,10 +143,13 @@ def prepare_dataset(source: str | Path, out: str | Path, options: PrepareOptions
         leakage_removed=[] if options.keep_leaked else leaks,
         warnings=warnings,
         images_per_second=verified.images_per_second,
+        read=verified.read,
     )
     timings = {"scan_s": scanned - started, "verify_s": verified.seconds, "duplicates_s": duplicates_seconds, "total_s": time.perf_counter() - started}
     summary.manifest = _manifest(summary, options, found, source, checks, given_split, test_frac, leaks, timings)
     write_prepared(out, root, classes, splits, summary.manifest)
+    if cache is not None:
+        cache.compact()
     if not options.quiet:
         _print_report(summary, len(tasks), verified.seconds)
     return summary
@@ -180,6 +191,7 @@ def _manifest(
         "warnings": summary.warnings,
         "workers": options.workers or default_workers(),
         "images_per_second": round(summary.images_per_second, 1),
+        "verify_cache": {"read": len(summary.read), "reused": len(checks) + len(summary.rejected) - len(summary.read)},
         "timings": {name: round(seconds, 3) for name, seconds in timings.items()},
     }
 
@@ -269,7 +281,8 @@ def _print_report(summary: PrepareSummary, verified_count: int, verify_seconds: 
     duplicated = sum(len(group) for group in summary.duplicates)
     print(f"rejected: {len(summary.rejected)}   skipped (not images): {len(summary.skipped)}   "
           f"duplicate groups: {len(summary.duplicates)} ({duplicated} images)   leakage removed from train: {len(summary.leakage_removed)}")
-    print(f"verified {verified_count} images in {verify_seconds:.2f} s: {summary.images_per_second:.0f} images/s")
+    reused = f" ({verified_count - len(summary.read)} unchanged, from the verification cache)" if len(summary.read) < verified_count else ""
+    print(f"verified {verified_count} images in {verify_seconds:.2f} s{reused}: {summary.images_per_second:.0f} images/s read")
     print(f"wrote {summary.out_dir} (details in manifest.json)")
 
 
@@ -289,6 +302,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-leaked", action="store_true", help="keep training copies of test/val images (default: remove them; listed either way)")
     parser.add_argument("--crop-boxes", action="store_true", help="Stanford Cars: crop to the annotated bounding box (crops written to OUT/crops/)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
+    parser.add_argument("--no-verify-cache", dest="verify_cache", action="store_false",
+                        help=f"read every image again (default: reuse OUT/{CACHE_FILE} for files whose path, size and mtime are unchanged)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -305,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
         keep_leaked=args.keep_leaked,
         crop_boxes=args.crop_boxes,
         quiet=args.quiet,
+        verify_cache=args.verify_cache,
     )
     prepare_dataset(args.source, args.out, options)
     return 0
