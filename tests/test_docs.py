@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ast
 import re
-from pathlib import Path
 
 from tests.helpers.paths import REPO
 TOP_FOLDERS = ("carbrand", "configs", "launch", "slurm", "docs", "tests")
