@@ -77,20 +77,11 @@ def write_directory_atomically(final: Path, write_into: Callable[[Path], None]) 
 
 def write_text_atomically(path: Path, text: str) -> None:
     """Write `path` under a temporary name, fsync, then rename: readers see the old file or the new one."""
-    temporary = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        with temporary.open("w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_bytes_atomically(path, text.encode("utf-8"))
 
 
 def write_bytes_atomically(path: Path, data: bytes) -> None:
-    """write_text_atomically for bytes (images)."""
+    """Write `path` under a temporary name, fsync, then rename: readers see the old file or the new one."""
     temporary = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
         with temporary.open("wb") as handle:
