@@ -349,7 +349,7 @@ def train_loop(run: Run, stop_request: StopRequest) -> int:
                 at_log = progress.step % t.log_every == 0 or progress.step == run.total_steps
                 at_eval = bool(t.eval_every_steps) and progress.step % t.eval_every_steps == 0
                 at_save = bool(t.checkpoint_every_steps) and progress.step % t.checkpoint_every_steps == 0
-                if at_eval or at_save:
+                if at_log or at_eval or at_save:
                     check_finite(run)  # sync point: nothing from a diverged step is logged, kept or saved
                 if at_log:
                     log_window(run, window, bar)

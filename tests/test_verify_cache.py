@@ -55,7 +55,24 @@ def kill_at(fraction: float, command: list[str], cache: Path, total: int) -> set
     finally:
         process.kill()
         process.wait()
+    assert not leftover_processes(command[command.index("--out") + 1]), "a worker outlived the killed prepare"
     return cached_paths(cache)
+
+
+def leftover_processes(marker: str, wait_s: float = 10) -> list[int]:
+    """PIDs of processes whose command line names `marker` (the --out folder), after up to `wait_s` for them to go."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(proc.name))
+            except OSError:  # gone meanwhile
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
 
 
 def test_a_rerun_after_a_kill_reads_only_the_unfinished_files(source, tmp_path):

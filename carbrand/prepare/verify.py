@@ -9,14 +9,16 @@ Cars) it also writes the crop, so the image is still decoded only once.
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import hashlib
 import io
 import os
+import signal
 import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -162,6 +164,18 @@ class VerifyResult:
         return len(self.read) / self.seconds if self.seconds > 0 else 0.0
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Worker initializer. A prepare killed with SIGKILL runs no clean-up, and a forked worker holds its own copy
+    of the task pipe, so it would wait for work forever: ask Linux to kill it when its parent dies."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the request was in place
+        os._exit(1)
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -182,7 +196,7 @@ def verify_images(tasks: list[VerifyTask], limits: Limits, workers: int | None =
               disable=not progress, dynamic_ncols=True) as bar:
         # Always worker processes, even for one: they own Pillow's strict-decoding switch, so
         # the calling process's Pillow settings are never changed.
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             for index, result in zip(todo, pool.map(check, [tasks[i] for i in todo], chunksize=chunksize)):
                 checks[index] = result
                 _remember(cache, keys[index], tasks[index], result)

@@ -96,8 +96,8 @@ def record_state_at_the_end(out: Path, counts: dict[str, int]) -> None:
 def record_state_at_the_start(out: Path) -> None:
     set_up = train.set_up
 
-    def set_up_then_record(config, accelerator):
-        run = set_up(config, accelerator)
+    def set_up_then_record(*args, **kwargs):
+        run = set_up(*args, **kwargs)
         out.mkdir(parents=True, exist_ok=True)
         save_file(state_of(run.unwrapped_model), str(out / f"start_rank{RANK}.safetensors"))
         torch.save(run.optimizer.state_dict(), out / f"start_rank{RANK}_optimizer.pt")
