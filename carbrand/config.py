@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from carbrand.errors import ConfigError
+from carbrand.data.augment_policies import AUGMENT_POLICIES
 from carbrand.precision import PRECISIONS
 
 
@@ -34,6 +35,9 @@ class DataConfig:
     crop_scale_min: float = 0.08  # train: RandomResizedCrop smallest area fraction
     hw_decoder_load: float = 0.65  # DALI mixed decoder: share of images sent to the HW JPEG decoder
     prefetch: int = 2  # DALI prefetch queue depth (batches)
+    augment: str = "none"  # train: none | trivial (TrivialAugmentWide) | randaugment | autoaugment (ImageNet policy)
+    randaugment_ops: int = 2  # randaugment: operations applied per image (N)
+    randaugment_magnitude: int = 9  # randaugment: strength of each operation, 0..30 (M, of 31 bins)
 
 
 @dataclass
@@ -69,6 +73,9 @@ class TrainConfig:
     resume: str = "auto"  # auto (newest complete checkpoint in output.dir) | never | PATH
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     label_smoothing: float = 0.1  # cross-entropy label smoothing
+    mixup_alpha: float = 0.0  # mixup: Beta(alpha, alpha) mixing weight per batch (0 = off; e.g. 0.2)
+    cutmix_alpha: float = 0.0  # CutMix: Beta(alpha, alpha) kept area per batch (0 = off; e.g. 1.0)
+    mix_switch_prob: float = 0.5  # with both on: probability that a batch uses CutMix instead of mixup
     ema_decay: float = 0.0  # EMA of weights, evaluated and exported when > 0 (e.g. 0.9998)
     log_every: int = 20  # steps between host syncs for loss / img/s logging
     eval_every_steps: int = 0  # validate every N steps (0 = at the end of every epoch)
@@ -114,6 +121,7 @@ SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.loader": ("auto", "dali", "torchvision", "memory"),
     "data.decode": ("auto", "gpu", "cpu"),
+    "data.augment": AUGMENT_POLICIES,
     "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
     "optim.name": ("sgd", "adamw"),
     "train.precision": PRECISIONS,
@@ -276,6 +284,8 @@ def validate(config: Config) -> None:
     check(0.0 < d.crop_scale_min <= 1.0, "data.crop_scale_min", "must be in (0, 1]")
     check(0.0 <= d.hw_decoder_load <= 1.0, "data.hw_decoder_load", "must be in [0, 1]")
     check(d.prefetch >= 1, "data.prefetch", "must be >= 1")
+    check(d.randaugment_ops >= 1, "data.randaugment_ops", "must be >= 1")
+    check(0 <= d.randaugment_magnitude <= 30, "data.randaugment_magnitude", "must be in 0..30")
     check(bool(m.pretrained), "model.pretrained", "must be imagenet, none or a file path")
     check(m.freeze_backbone_epochs >= 0, "model.freeze_backbone_epochs", "must be >= 0")
     check(o.lr > 0, "optim.lr", "must be > 0")
@@ -292,6 +302,9 @@ def validate(config: Config) -> None:
     check(bool(t.resume), "train.resume", "must be auto, never or a checkpoint path")
     check(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
     check(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
+    check(t.mixup_alpha >= 0, "train.mixup_alpha", "must be >= 0 (0 = off)")
+    check(t.cutmix_alpha >= 0, "train.cutmix_alpha", "must be >= 0 (0 = off)")
+    check(0.0 <= t.mix_switch_prob <= 1.0, "train.mix_switch_prob", "must be in [0, 1]")
     check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1) (0 = off)")
     check(t.log_every >= 1, "train.log_every", "must be >= 1")
     check(t.eval_every_steps >= 0, "train.eval_every_steps", "must be >= 0")

@@ -67,6 +67,7 @@ from carbrand.errors import CarbrandError, ConfigError, DataError, first_line
 from carbrand.filesystem import check_run_dir_writable
 from carbrand.heartbeat import Heartbeat
 from carbrand.metrics import confusion_matrix, summarize
+from carbrand.mixing import NO_MIX, Mix, apply_mix, draw_mix, mixed_cross_entropy
 from carbrand.model import build_model, load_classifier_state
 from carbrand.optimization import Schedule, build_optimizer, build_scheduler, peak_learning_rate
 from carbrand.precision import input_dtype
@@ -336,8 +337,11 @@ def train_loop(run: Run, stop_request: StopRequest) -> int:
             while progress.batch_in_epoch < run.micro_batches_per_epoch and progress.step < run.total_steps:
                 with window.waiting_for_data():
                     images, labels = next(batches)
+                # this micro-batch's own mixup/CutMix draw, a function of (seed, rank, epoch, batch): resumable
+                mix = draw_mix(t, rank=accelerator.process_index, epoch=progress.epoch, batch=progress.batch_in_epoch,
+                               batch_size=images.shape[0], image_size=images.shape[-1])
                 loss = train_step(accelerator, run.model, run.optimizer, images, labels,
-                                  t.label_smoothing, run.config.optim.grad_clip_norm)
+                                  t.label_smoothing, run.config.optim.grad_clip_norm, mix)
                 window.add(loss, images.shape[0])
                 run.divergence.observe_loss(loss)
                 progress.batch_in_epoch += 1
@@ -377,11 +381,13 @@ def train_loop(run: Run, stop_request: StopRequest) -> int:
         bar.close()
 
 
-def train_step(accelerator, model, optimizer, images, labels, label_smoothing: float, grad_clip_norm: float) -> torch.Tensor:
-    """One micro-batch: forward (autocast by Accelerate), backward, and on accumulation boundaries the step."""
+def train_step(accelerator, model, optimizer, images, labels, label_smoothing: float, grad_clip_norm: float,
+               mix: Mix = NO_MIX) -> torch.Tensor:
+    """One micro-batch: mix, forward (autocast by Accelerate), backward, and on accumulation boundaries the step."""
     with accelerator.accumulate(model):
+        images, partner_labels = apply_mix(images, labels, mix)
         logits = model(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        loss = mixed_cross_entropy(logits, labels, partner_labels, mix.weight, label_smoothing)
         accelerator.backward(loss)
         if grad_clip_norm > 0 and accelerator.sync_gradients:
             accelerator.clip_grad_norm_(model.parameters(), grad_clip_norm)

@@ -22,6 +22,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from carbrand.config import DataConfig
+from carbrand.data.dali_augment import apply_augment_policy
 from carbrand.data.images import check_pixel_limits
 from carbrand.data.manifest import Sample
 from carbrand.data.preprocessing import (
@@ -78,7 +79,7 @@ def _normalize(images, *, channels_last: bool, half: bool, mirror=None):
     )
 
 
-@pipeline_def
+@pipeline_def(enable_conditionals=True)  # auto_aug's policies branch per sample
 def train_pipeline(files: list[str], labels: list[int], *, gpu: bool, data: DataConfig, channels_last: bool, half: bool):
     # random_shuffle=False: the order is the epoch's exact permutation from sharding.py.
     jpegs, labels_out = fn.readers.file(files=files, labels=labels, random_shuffle=False, name=READER)
@@ -91,6 +92,7 @@ def train_pipeline(files: list[str], labels: list[int], *, gpu: bool, data: Data
         **_decoder_args(gpu, data.hw_decoder_load),
     )
     images = fn.resize(images, resize_x=data.image_size, resize_y=data.image_size)  # antialiased linear
+    images = apply_augment_policy(images, data)  # on uint8, before normalisation, as in the torchvision loader
     images = _normalize(images, channels_last=channels_last, half=half, mirror=fn.random.coin_flip(probability=0.5))
     return images, labels_out
 

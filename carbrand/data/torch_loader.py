@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as F
 
 from carbrand.config import DataConfig
+from carbrand.data.augment_policies import apply_seeded, torchvision_augment
 from carbrand.data.manifest import Sample
 from carbrand.data.images import Normalizer, hwc_tensor, load_rgb
 from carbrand.data.loader_base import EvalLoader, TrainLoader
@@ -54,10 +55,11 @@ def random_resized_crop_box(width: int, height: int, scale_min: float, rng: np.r
 
 
 class TrainDataset(Dataset):
-    """Keys are (sample index, entropy): the entropy seeds this sample's crop and flip."""
+    """Keys are (sample index, entropy): the entropy seeds this sample's crop, flip and augmentation."""
 
-    def __init__(self, samples: Sequence[Sample], image_size: int, crop_scale_min: float):
-        self.samples, self.image_size, self.crop_scale_min = samples, image_size, crop_scale_min
+    def __init__(self, samples: Sequence[Sample], data: DataConfig):
+        self.samples, self.image_size, self.crop_scale_min = samples, data.image_size, data.crop_scale_min
+        self.augment = torchvision_augment(data.augment, ops=data.randaugment_ops, magnitude=data.randaugment_magnitude)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -72,6 +74,8 @@ class TrainDataset(Dataset):
                                interpolation=F.InterpolationMode.BILINEAR, antialias=True)
         if rng.random() < 0.5:
             image = F.horizontal_flip(image)
+        if self.augment is not None:
+            image = apply_seeded(self.augment, image, rng)
         return hwc_tensor(image), sample.label
 
 
@@ -144,7 +148,7 @@ class TorchTrainLoader(TrainLoader):
     def __init__(self, data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int, seed: int,
                  device: torch.device, dtype: torch.dtype, channels_last: bool):
         super().__init__(len(samples), rank=rank, world_size=world_size, seed=seed, batch_size=data.batch_size)
-        dataset = TrainDataset(samples, data.image_size, data.crop_scale_min)
+        dataset = TrainDataset(samples, data)
         self._loader = DataLoader(dataset, sampler=TrainSampler(self), drop_last=True, **_loader_args(data, device))
         self._normalize = Normalizer(device, dtype, channels_last)
 
