@@ -47,6 +47,16 @@ def mixing_enabled(train: TrainConfig) -> bool:
     return train.mixup_alpha > 0 or train.cutmix_alpha > 0
 
 
+def mixing_summary(train: TrainConfig) -> str:
+    """What the start-up line says about mixing, e.g. "mixup 0.2 + CutMix 1.0 (CutMix on 50% of batches)"."""
+    if not mixing_enabled(train):
+        return "no mixup/CutMix"
+    if train.mixup_alpha > 0 and train.cutmix_alpha > 0:
+        return (f"mixup {train.mixup_alpha:g} + CutMix {train.cutmix_alpha:g} "
+                f"(CutMix on {train.mix_switch_prob:.0%} of batches)")
+    return f"mixup {train.mixup_alpha:g}" if train.mixup_alpha > 0 else f"CutMix {train.cutmix_alpha:g}"
+
+
 def draw_mix(train: TrainConfig, *, rank: int, epoch: int, batch: int, batch_size: int, image_size: int) -> Mix:
     """The draw for micro-batch `batch` of `epoch` on `rank` (see the module docstring)."""
     if not mixing_enabled(train):

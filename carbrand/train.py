@@ -67,7 +67,7 @@ from carbrand.errors import CarbrandError, ConfigError, DataError, first_line
 from carbrand.filesystem import check_run_dir_writable
 from carbrand.heartbeat import Heartbeat
 from carbrand.metrics import confusion_matrix, summarize
-from carbrand.mixing import NO_MIX, Mix, apply_mix, draw_mix, mixed_cross_entropy
+from carbrand.mixing import NO_MIX, Mix, apply_mix, draw_mix, mixed_cross_entropy, mixing_summary
 from carbrand.model import build_model, load_classifier_state
 from carbrand.optimization import Schedule, build_optimizer, build_scheduler, peak_learning_rate
 from carbrand.precision import input_dtype
@@ -274,7 +274,7 @@ def set_up(config: Config, accelerator: Accelerator, run_lock: RunDirLock | None
     accelerator.print(
         f"carbrand: {len(train_samples)} train / {len(val_samples)} val images, {len(classes)} brands; "
         f"{world_size} process(es) on {accelerator.device.type}; loader {backend.loader} (decode {backend.decode}); "
-        f"global batch {global_batch_size}; {total_steps} steps"
+        f"global batch {global_batch_size}; {total_steps} steps; augment {config.data.augment}; {mixing_summary(t)}"
         + (f"; resumed from {resumed_from} at step {progress.step} (restart {progress.restarts})" if resumed_from else ""))
     tracker.log({"run/restarts": progress.restarts, "run/world_size": world_size,
                  "run/global_batch_size": global_batch_size, "run/total_steps": total_steps}, step=progress.step)
