@@ -3,12 +3,15 @@
     carbrand bench data --manifest data/cars5/prepared --workers 2
     carbrand bench data --manifest data/cars5/prepared --photo-size 500x375 --photo-size 1024x768
     carbrand bench data --manifest data/stanford_cars/prepared --batch-size 256 --workers 16   (GPU host)
+    carbrand bench data --manifest data/cars5/prepared --epochs 3 --augment trivial   (latency per batch)
 
 Each loader runs exactly as the trainer and evaluator build it (sharding, augmentation,
 normalisation, copy to the device, output dtype), warm-up batches excluded, the clock
 stopped only after the device finished. The train loader's set-up at epoch boundaries counts,
 as it does in training (DALI keeps one pipeline for several epochs and builds the next one
-when those are read; see carbrand/data/dali_pipelines.py).
+when those are read; see carbrand/data/dali_pipelines.py). With `--epochs N` each train loader
+instead reads N whole epochs and every batch is timed: latency p50/p99/max, the slowest first
+batch of an epoch, and the pipelines built (carbrand/bench/epoch_latency.py).
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from pathlib import Path
 
 import torch
 
+from carbrand.bench.epoch_latency import LATENCY_KEYS, MIN_EPOCHS, time_epochs
 from carbrand.bench.photo_set import build_photo_set, describe
 from carbrand.bench.timing import now
 from carbrand.config import DataConfig
+from carbrand.data.augment_policies import AUGMENT_POLICIES
 from carbrand.data.loaders import Backend, build_eval_loader, build_train_loader, dali_available
 from carbrand.data.manifest import load_prepared
 from carbrand.errors import UsageError
@@ -86,9 +91,11 @@ def measure_backend(args, backend: str, pipeline: str, manifest: Path, samples, 
     resolved = BACKENDS[backend]
     data = dataclasses.replace(DataConfig(), manifest=str(manifest), loader=resolved.loader, decode=resolved.decode,
                                batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
-                               prefetch=args.prefetch, hw_decoder_load=args.hw_decoder_load)
+                               prefetch=args.prefetch, hw_decoder_load=args.hw_decoder_load, augment=args.augment)
     loader = build_loader(pipeline, data, resolved, samples, device, input_dtype(precision))
     try:
+        if args.epochs:
+            return time_epochs(loader, args.epochs, device)
         return measure(loader, pipeline, warmup_batches=args.warmup_batches, batches=args.batches, device=device)
     finally:
         loader.close()
@@ -101,9 +108,11 @@ def run_data_benchmark(args) -> dict:
     for option in ("workers", "batch_size", "image_size", "prefetch", "batches", "repeats"):
         if getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be >= 1; got {getattr(args, option)}")
+    if args.epochs and args.epochs < MIN_EPOCHS:
+        raise UsageError(f"--epochs must be >= {MIN_EPOCHS} (or 0 for images/s over --batches); got {args.epochs}")
     if args.warmup_batches < 0:
         raise UsageError(f"--warmup-batches must be >= 0; got {args.warmup_batches}")
-    pipelines = args.pipelines.split(",")
+    pipelines = ["train"] if args.epochs else args.pipelines.split(",")  # epoch boundaries are the train loader's
     if any(p not in PIPELINES for p in pipelines):
         raise UsageError(f"--pipelines takes {', '.join(PIPELINES)}; got {args.pipelines!r}")
     precision = args.precision or ("bf16" if device.type == "cuda" else "no")
@@ -131,13 +140,28 @@ def run_data_benchmark(args) -> dict:
                 row = {"dataset": describe(manifest), "manifest": str(manifest), "pipeline": pipeline,
                        "backend": backend, "workers": args.workers, "batch_size": args.batch_size,
                        "image_size": args.image_size, "dtype": precision, "prefetch": args.prefetch,
+                       "augment": args.augment if pipeline == "train" else "none",
                        **({"hw_decoder_load": args.hw_decoder_load} if backend == "dali-gpu" else {}),
                        "images_per_second": round(statistics.median(rates), 1), "images_per_second_runs": rates,
-                       "images_per_run": runs[backend][0]["images"]}
+                       "images_per_run": runs[backend][0]["images"],
+                       **(latency_fields(runs[backend]) if args.epochs else {})}
                 print(f"carbrand bench: {row['dataset']:<45} {pipeline:<5} {backend:<11} "
-                      f"{row['images_per_second']:>9.1f} img/s (median of {len(rates)})", file=sys.stderr)
+                      f"{row['images_per_second']:>9.1f} img/s (median of {len(rates)})" + latency_text(row), file=sys.stderr)
                 results.append(row)
     return {"benchmark": "data", "device": device_name(device), "results": results, "ratios": ratios(results)}
+
+
+def latency_fields(runs: list[dict]) -> dict:
+    """--epochs: the latency figures of the run with the median images/s."""
+    median_run = sorted(runs, key=lambda run: run["images_per_second"])[len(runs) // 2]
+    return {key: median_run[key] for key in LATENCY_KEYS}
+
+
+def latency_text(row: dict) -> str:
+    if "latency_ms_p50" not in row:
+        return ""
+    return (f"; batch latency p50 {row['latency_ms_p50']} ms, p99 {row['latency_ms_p99']} ms, max "
+            f"{row['latency_ms_max']} ms over {row['epochs']} epochs; {row['pipelines_built']} pipeline(s) built")
 
 
 def ratios(results: list[dict]) -> list[dict]:
@@ -188,3 +212,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--copies", type=int, default=4, help="re-encoded copies per photo (default 4)")
     parser.add_argument("--work-dir", default="runs/bench", help="where re-encoded sets are kept (default runs/bench)")
     parser.add_argument("--cpu", action="store_true", help="measure on the CPU even when a GPU is there")
+    parser.add_argument("--augment", choices=AUGMENT_POLICIES, default="none",
+                        help="train loaders: the data.augment policy (default none)")
+    parser.add_argument("--epochs", type=int, default=0,
+                        help=f"time every batch of N >= {MIN_EPOCHS} whole train epochs: latency p50/p99/max and "
+                             "pipelines built, epoch boundaries included (default 0: images/s over --batches)")

@@ -151,8 +151,11 @@ class TorchTrainLoader(TrainLoader):
         dataset = TrainDataset(samples, data)
         self._loader = DataLoader(dataset, sampler=TrainSampler(self), drop_last=True, **_loader_args(data, device))
         self._normalize = Normalizer(device, dtype, channels_last)
+        self.pipelines_built = 0  # worker pools started (persistent: one per run; 0 when loading in-process)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._loader.num_workers and self._loader._iterator is None:  # DataLoader starts its workers now
+            self.pipelines_built += 1
         for images, labels in worker_errors_in_one_line(self._loader):
             yield self._normalize(images), labels.to(self._normalize.device, non_blocking=True)
 
