@@ -69,6 +69,11 @@ for load in 0 0.99; do
   step 60 "${carbrand[@]}" bench data --manifest "$set_1024" --backends dali-gpu --pipelines train --workers 16 \
     --batch-size 256 --batches 20 --warmup-batches 5 --hw-decoder-load $load --out "$out/bench_hw_decoder_$load.json"
 done
+# Epoch boundaries and what GPU augmentation costs: every batch of 3 epochs timed, augment none / trivial
+for augment in none trivial; do
+  step 90 "${carbrand[@]}" bench data --manifest "$set_1024" --backends dali-gpu --epochs 3 --augment $augment \
+    --workers 16 --batch-size 256 --out "$out/bench_epochs_$augment.json"
+done
 step 150 "${carbrand[@]}" bench train "${recipe[@]}" --precisions no,fp16 --measure memory,bare --out "$out/bench_train_precisions.json"
 step 60 "${carbrand[@]}" bench train "${recipe[@]}" --channels-last off --measure memory --out "$out/bench_train_nchw.json"
 step 300 "${carbrand[@]}" bench train "${recipe[@]}" --compile on --measure memory,bare --out "$out/bench_train_compile.json"

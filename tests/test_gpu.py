@@ -22,6 +22,17 @@ GPU_RUN = ("data.loader=dali", "data.decode=gpu", "train.channels_last=true", "t
            "train.log_every=4", "train.eval_every_steps=12", "data.batch_size=32")
 
 
+def test_gpu_training_with_gpu_augmentation_and_mixing(prepared_cars5, tmp_path):
+    """TrivialAugment in the DALI graph on the GPU (after the mixed decoder), mixup/CutMix on the device batch."""
+    run_dir = tmp_path / "run"
+    done = run_training(prepared_cars5, run_dir, *GPU_RUN, "train.precision=bf16", "data.augment=trivial",
+                        "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0")
+    assert_ok(done)
+    assert "loader dali (decode gpu)" in done.stdout and "augment trivial; mixup 0.2 + CutMix 1" in done.stdout
+    losses = [r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_gpu_training_with_dali_gpu_decode_then_evaluate(prepared_cars5, tmp_path, precision):
     run_dir = tmp_path / "run"
