@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 
 from carbrand.config import DataConfig
 from carbrand.data.augment_policies import FILL_GREY, MAGNITUDE_BINS
-from carbrand.data.loaders import Backend, build_train_loader
+from carbrand.data.loaders import Backend, build_eval_loader, build_train_loader
 from carbrand.data.manifest import load_prepared
 
 pytest.importorskip("nvidia.dali")
@@ -53,6 +53,24 @@ def test_each_policy_changes_the_crops_alike_in_dali_cpu_and_torchvision(prepare
     assert np.mean(dali > 0) >= 0.75 and np.mean(torchvision > 0) >= 0.75, (dali, torchvision)
     ratio = dali.mean() / torchvision.mean()
     assert 0.67 <= ratio <= 1.5, (augment, dali.mean(), torchvision.mean())
+
+
+@pytest.mark.parametrize("loader", ["dali", "torchvision"])
+def test_evaluation_never_augments(prepared_cars5, loader):
+    """A run trained with a policy is validated (and evaluated, and served) on the plain centre crops."""
+    def eval_batch(augment: str) -> torch.Tensor:
+        data = dataclasses.replace(DataConfig(), image_size=SIZE, batch_size=16, workers=1, augment=augment)
+        samples = load_prepared(prepared_cars5).split("val")[:16]
+        evaluation = build_eval_loader(data, samples, backend=Backend(loader, "cpu"), rank=0, world_size=1,
+                                       device=torch.device("cpu"), dtype=torch.float32, channels_last=False)
+        try:
+            return next(iter(evaluation))[0]
+        finally:
+            evaluation.close()
+
+    plain = eval_batch("none")
+    for augment in ("trivial", "randaugment", "autoaugment"):
+        assert torch.equal(eval_batch(augment), plain), augment
 
 
 # TrivialAugment-Wide's 14 operations, DALI's name -> torchvision's, in three classes
