@@ -14,23 +14,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this tree's carbrand, wherever it is installed
 
-import carbrand.checkpoint as checkpoint  # noqa: E402
-from carbrand import train  # noqa: E402
+from tests.helpers.checkpoint_write_hook import train_acting_inside_the_save  # noqa: E402
 
 
-def main() -> int:
-    step, arguments = sys.argv[1], sys.argv[2:]
-    write = checkpoint.save_file
-
-    def write_half_then_die(tensors, filename, metadata=None):
-        write(tensors, filename, metadata=metadata)
-        if Path(filename).parent.name.startswith(f".tmp-step_{step}-"):
-            os.truncate(filename, os.path.getsize(filename) // 2)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    checkpoint.save_file = write_half_then_die
-    return train.main(arguments)
+def cut_in_half_and_die(written: Path) -> None:
+    os.truncate(written, written.stat().st_size // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_acting_inside_the_save(cut_in_half_and_die))

@@ -16,26 +16,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this tree's carbrand, wherever it is installed
 
-import carbrand.checkpoint as checkpoint  # noqa: E402
-from carbrand import train  # noqa: E402
+from tests.helpers.checkpoint_write_hook import train_acting_inside_the_save  # noqa: E402
 
 STALLED_LINE = "stall_during_save: stalled inside the checkpoint write"
 
 
-def main() -> int:
-    step, arguments = sys.argv[1], sys.argv[2:]
-    write = checkpoint.save_file
-
-    def write_then_stall(tensors, filename, metadata=None):
-        write(tensors, filename, metadata=metadata)
-        if Path(filename).parent.name.startswith(f".tmp-step_{step}-"):
-            print(STALLED_LINE, file=sys.stderr, flush=True)
-            while True:  # returns to Python only between these calls, tens of seconds apart
-                hashlib.pbkdf2_hmac("sha256", b"stall", b"salt", 100_000_000)
-
-    checkpoint.save_file = write_then_stall
-    return train.main(arguments)
+def stall_in_c_code(_written: Path) -> None:
+    print(STALLED_LINE, file=sys.stderr, flush=True)
+    while True:  # returns to Python only between these calls, tens of seconds apart
+        hashlib.pbkdf2_hmac("sha256", b"stall", b"salt", 100_000_000)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_acting_inside_the_save(stall_in_c_code))
