@@ -26,7 +26,7 @@ from carbrand.precision import PRECISIONS
 @dataclass
 class DataConfig:
     manifest: str = "demo/prepared"  # directory written by `carbrand prepare --out` (default: where `carbrand demo` writes)
-    loader: str = "auto"  # auto (dali if installed, else torchvision) | dali | torchvision | memory (noise, for benchmarks)
+    loader: str = "auto"  # auto (DALI; torchvision for CPU decode over 4 workers) | dali | torchvision | memory (noise, for benchmarks)
     decode: str = "auto"  # auto (gpu when CUDA is there) | gpu (nvJPEG/HW decoder) | cpu
     image_size: int = 224  # square training / evaluation crop, pixels
     batch_size: int = 64  # per process; global batch = batch_size * world_size * grad_accum

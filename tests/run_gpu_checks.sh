@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything a GPU host checks, in one command, in this order: the loader benchmark and the
-# bf16 training benchmark, then the GPU tests, then the other GPU benchmarks (hardware-decoder
+# Everything a GPU host checks, in one command, in this order: the loader benchmark, the
+# bf16 training benchmark and training with GPU TrivialAugment, then the GPU tests, then the other GPU benchmarks (hardware-decoder
 # loads, fp32/fp16, NCHW, torch.compile). Each step has a time limit, so a slow step cannot
 # starve the others.
 #   bash tests/run_gpu_checks.sh OUT_DIR
@@ -63,7 +63,11 @@ set_1024=runs/bench/cars5-1024x768-x32
 # ResNet-50 at 224, batch 256, bf16, channels-last: DALI-gpu loader vs in-memory batch vs bare loop
 recipe=(--config configs/stanford_cars.yaml "data.manifest=$set_1024" data.batch_size=256 data.workers=16)
 step 150 "${carbrand[@]}" bench train "${recipe[@]}" --precisions bf16 --out "$out/bench_train_bf16.json"
-# The GPU tests (after the two headline benchmarks above)
+# The augmentation goal: the real loader with GPU TrivialAugment at >= 0.95x the in-memory rate, over 100 steps
+# = 3 epochs of the 8,512-image set (so 3 epoch boundaries), bf16 and fp16, eager and compiled
+step 480 "${carbrand[@]}" bench train "${recipe[@]}" data.augment=trivial --precisions bf16,fp16 --compile off,on \
+  --steps 100 --out "$out/bench_train_trivial.json"
+# The GPU tests (after the headline benchmarks above)
 step 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_loaders.py > "$out/gpu_tests.log" 2>&1; tail -5 "$out/gpu_tests.log"
 for load in 0 0.99; do
   step 60 "${carbrand[@]}" bench data --manifest "$set_1024" --backends dali-gpu --pipelines train --workers 16 \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from carbrand.errors import ConfigError
 from tests.helpers.fault_runs import TINY, fault_environment
 from tests.helpers.paths import REPO
 from tests.helpers.subprocesses import assert_ok
-from tests.helpers.training_runs import read_metrics, run_training
+from tests.helpers.training_runs import probed_train_command, read_metrics, run_training
 
 MIXING = ("train.mixup_alpha=0.2", "train.cutmix_alpha=1.0", "train.mix_switch_prob=0.5")
 
@@ -75,3 +76,27 @@ def test_resumed_two_rank_run_draws_what_the_uninterrupted_run_drew(prepared_car
     assert sorted(got) == list(range(5, max(expected) + 1)) and max(expected) == 8, (sorted(got), sorted(expected))
     for step in got:
         assert got[step] == pytest.approx(expected[step], rel=1e-6), (step, got[step], expected[step])
+
+
+@pytest.mark.slow
+def test_each_rank_trains_on_mixes_of_its_own_in_a_two_rank_run(prepared_cars5, tmp_path):
+    """Each DDP rank must mix its batches by its own draws (seed, its rank, epoch, micro-batch): two ranks passing
+    the same rank would blend the same partner positions with the same weights on both shards. Recorded per rank
+    by tests/helpers/rank_state_probe.py --record-mixes, accumulation windows included."""
+    out = tmp_path / "probe"
+    command = probed_train_command(prepared_cars5, tmp_path / "run", out, "--record-mixes", *TINY,
+                                   "data.loader=torchvision", *MIXING, "train.grad_accum_steps=2", "train.max_steps=3",
+                                   "train.collective_timeout_s=60", num_processes=2)
+    assert_ok(subprocess.run(command, capture_output=True, text=True, timeout=600, env=fault_environment(), cwd=REPO))
+    draws = {}
+    for rank in (0, 1):
+        records = [json.loads(line) for line in (out / f"mixes_rank{rank}.jsonl").read_text().splitlines()]
+        assert all(r["train_step_got_the_draw"] for r in records if "train_step_got_the_draw" in r)
+        draws[rank] = [r for r in records if "kind" in r]
+        assert len(draws[rank]) == 6, "3 optimizer steps x 2 micro-batches"
+        assert {r["rank"] for r in draws[rank]} == {rank}, "the draw is made with the process's own rank"
+        assert [(r["epoch"], r["batch"]) for r in draws[rank]] == [(0, b) for b in range(6)]
+    assert {r["kind"] for r in draws[0] + draws[1]} <= {"mixup", "cutmix"}
+    for mine, theirs in zip(draws[0], draws[1]):
+        assert (mine["kind"], mine["weight"], mine["box"], mine["permutation"]) != (
+            theirs["kind"], theirs["weight"], theirs["box"], theirs["permutation"]), (mine, theirs)

@@ -277,6 +277,12 @@ def test_resolve_backend_choices_and_errors(monkeypatch):
     assert resolve_backend(DataConfig(loader="auto", decode="auto"), CPU) == ("dali", "cpu")
     assert resolve_backend(DataConfig(loader="dali", decode="auto"), torch.device("cuda", 0)) == ("dali", "gpu")
     assert resolve_backend(DataConfig(loader="torchvision", decode="auto"), torch.device("cuda", 0)) == ("torchvision", "cpu")
+    # auto with CPU decode: DALI up to 4 threads, torchvision's worker processes beyond (measured, docs/BENCHMARKS.md)
+    assert resolve_backend(DataConfig(loader="auto", workers=4), CPU) == ("dali", "cpu")
+    assert resolve_backend(DataConfig(loader="auto", workers=16), CPU) == ("torchvision", "cpu")
+    assert resolve_backend(DataConfig(loader="auto", workers=16, decode="cpu"), torch.device("cuda", 0)) == ("torchvision", "cpu")
+    assert resolve_backend(DataConfig(loader="auto", workers=16), torch.device("cuda", 0)) == ("dali", "gpu")
+    assert resolve_backend(DataConfig(loader="dali", workers=16), CPU) == ("dali", "cpu")  # asked for: kept
     with pytest.raises(UsageError, match="data.decode"):
         resolve_backend(DataConfig(decode="gpu"), CPU)
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # `import nvidia.dali` now raises ImportError

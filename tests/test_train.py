@@ -22,10 +22,14 @@ from tests.helpers.fault_runs import (
 from tests.helpers.paths import HELPERS, REPO
 from tests.helpers.ports import free_port
 from tests.helpers.subprocesses import assert_ok, subprocess_environment
-from tests.helpers.training_runs import TRAIN_SCRIPT, last_value, launch_command, read_metrics, run_training, train_command
+from tests.helpers.training_runs import (
+    last_value,
+    launch_command,
+    probed_train_command,
+    read_metrics,
+    run_training,
+)
 from tests.helpers.wandb_records import read_history
-
-PROBE = HELPERS / "rank_state_probe.py"
 
 
 def assert_complete_run_dir(run_dir):
@@ -190,9 +194,7 @@ TWO_RANKS = (*TINY, "data.loader=torchvision", "train.collective_timeout_s=60")
 def probe_command(prepared, run_dir, out, *overrides, num_processes=2, base=TWO_RANKS):
     """The trainer started through tests/helpers/rank_state_probe.py: each rank records its own state in `out`.
     `base`: overrides before the test's own (the quick 32 px settings unless given)."""
-    command = train_command(prepared, run_dir, *base, *overrides, num_processes=num_processes)
-    at = command.index(str(TRAIN_SCRIPT))
-    return command[:at] + [str(PROBE), str(out)] + command[at + 1:]
+    return probed_train_command(prepared, run_dir, out, *base, *overrides, num_processes=num_processes)
 
 
 def run_probe(prepared, run_dir, out, *overrides, num_processes=2, base=TWO_RANKS) -> subprocess.CompletedProcess:

@@ -27,14 +27,16 @@ FILL_GREY = 128  # what uncovered corners of a rotated or sheared image show; DA
 def torchvision_augment(policy: str, *, ops: int, magnitude: int) -> v2.Transform | None:
     """The torchvision transform of `policy`, or None for `none`."""
     fill = [FILL_GREY] * 3
+    nearest = v2.InterpolationMode.NEAREST  # torchvision's default, spelled out: the DALI graph uses it too
     if policy == "none":
         return None
     if policy == "trivial":
-        return v2.TrivialAugmentWide(num_magnitude_bins=MAGNITUDE_BINS, fill=fill)
+        return v2.TrivialAugmentWide(num_magnitude_bins=MAGNITUDE_BINS, interpolation=nearest, fill=fill)
     if policy == "randaugment":
-        return v2.RandAugment(num_ops=ops, magnitude=magnitude, num_magnitude_bins=MAGNITUDE_BINS, fill=fill)
+        return v2.RandAugment(num_ops=ops, magnitude=magnitude, num_magnitude_bins=MAGNITUDE_BINS,
+                             interpolation=nearest, fill=fill)
     if policy == "autoaugment":
-        return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, fill=fill)
+        return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=nearest, fill=fill)
     raise ValueError(f"unknown augment policy {policy!r}")  # config.validate refuses it first
 
 

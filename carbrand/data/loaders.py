@@ -50,9 +50,7 @@ def resolve_backend(data: DataConfig, device: torch.device) -> Backend:
         raise UsageError(f"data.decode=gpu needs a CUDA device, but this process runs on {device}; use data.decode=cpu or auto")
     loader = data.loader
     if loader == "auto":
-        loader = "dali" if dali_available() else "torchvision"
-        if loader == "torchvision":
-            logger.warning("DALI is not installed: loading images with torchvision (pip install carbrand[dali] for the fast path)")
+        loader = _auto_loader(data, device)
     elif loader == "dali" and not dali_available():
         raise UsageError("data.loader=dali but DALI is not installed: `pip install carbrand[dali]`, or set data.loader=torchvision")
     if data.decode == "auto":
@@ -62,6 +60,27 @@ def resolve_backend(data: DataConfig, device: torch.device) -> Backend:
     if decode == "gpu" and loader != "dali":
         raise UsageError("data.decode=gpu needs the DALI loader (data.loader=dali, `pip install carbrand[dali]`); torchvision decodes on the CPU")
     return Backend(loader, decode)
+
+
+# `data.loader: auto` decoding on the CPU: DALI while it has at most this many threads, else torchvision.
+# Measured (docs/BENCHMARKS.md): DALI's CPU decode ran 1.5-2.1x torchvision with 2 threads against 2 workers
+# on a 2-core host, and 0.50-0.75x with 16 against 16 on a 16-core host. Its per-thread rate falls as
+# threads are added; the DataLoader's worker processes, each with its own interpreter, keep theirs. The
+# ratio interpolated log-linearly between the two hosts crosses 1 at about 5 threads.
+DALI_CPU_DECODE_MAX_THREADS = 4
+
+
+def _auto_loader(data: DataConfig, device: torch.device) -> str:
+    if not dali_available():
+        logger.warning("DALI is not installed: loading images with torchvision (pip install carbrand[dali] for the fast path)")
+        return "torchvision"
+    gpu_decode = device.type == "cuda" and data.decode != "cpu"
+    if gpu_decode or data.workers <= DALI_CPU_DECODE_MAX_THREADS:
+        return "dali"
+    logger.info("data.loader=auto: decoding on the CPU with %d workers, torchvision's worker processes are faster than "
+                "DALI's threads above %d (docs/BENCHMARKS.md); set data.loader=dali to override",
+                data.workers, DALI_CPU_DECODE_MAX_THREADS)
+    return "torchvision"
 
 
 def build_train_loader(data: DataConfig, samples: Sequence[Sample], *, backend: Backend, rank: int, world_size: int,

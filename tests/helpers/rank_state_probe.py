@@ -23,6 +23,9 @@ wherever they stand (the rest goes to the trainer unchanged):
     --signal-at-step=NAME:STEP     send this process signal NAME (SIGUSR1, SIGKILL, ...) right after
                                    optimizer step STEP, before that step's log or checkpoint: a stop
                                    or a kill -9 at a chosen step, with no race against a poller
+    --record-mixes                 write OUT_DIR/mixes_rank<R>.jsonl: each mixup/CutMix draw (its
+                                   rank, epoch and micro-batch arguments, kind, weight, partner
+                                   order, box) and whether train_step was given that very draw
 """
 
 import json
@@ -50,7 +53,7 @@ RANK = int(os.environ.get("RANK", "0"))  # set by accelerate launch / torchrun; 
 
 def take_options(arguments: list[str]) -> tuple[dict[str, str], list[str]]:
     names = ("--stale-listing-on-rank", "--unreadable-checkpoint-on-rank", "--dynamo-backend", "--record-start",
-             "--signal-at-step")
+             "--signal-at-step", "--record-mixes")
     options = {a.partition("=")[0]: a.partition("=")[2] for a in arguments if a.partition("=")[0] in names}
     return options, [a for a in arguments if a.partition("=")[0] not in names]
 
@@ -117,6 +120,28 @@ def signal_after_step(name: str, step: int) -> None:
     train.finish_optimizer_step = finish_then_signal
 
 
+def record_mixes(out: Path) -> None:
+    draw_mix, train_step = train.draw_mix, train.train_step
+    drawn = []
+
+    def draw_and_record(config, **where):
+        mix = draw_mix(config, **where)
+        drawn.append(mix)
+        record = where | {"kind": mix.kind, "weight": mix.weight, "box": mix.box,
+                          "permutation": None if mix.permutation is None else [int(i) for i in mix.permutation]}
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / f"mixes_rank{RANK}.jsonl", "a") as log:
+            log.write(json.dumps(record) + "\n")
+        return mix
+
+    def step_with(*args):
+        with open(out / f"mixes_rank{RANK}.jsonl", "a") as log:
+            log.write(json.dumps({"train_step_got_the_draw": args[-1] is drawn[-1]}) + "\n")
+        return train_step(*args)
+
+    train.draw_mix, train.train_step = draw_and_record, step_with
+
+
 def main() -> int:
     out = Path(sys.argv[1])
     options, arguments = take_options(sys.argv[2:])
@@ -136,6 +161,8 @@ def main() -> int:
     if "--signal-at-step" in options:
         name, _, step = options["--signal-at-step"].partition(":")
         signal_after_step(name, int(step))
+    if "--record-mixes" in options:
+        record_mixes(out)
     counts = {"at_step": 0, "inside_accumulation": 0}
     count_gradient_all_reduces(counts)
     record_state_at_the_end(out, counts)

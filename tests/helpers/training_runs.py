@@ -7,12 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers.paths import REPO
+from tests.helpers.paths import HELPERS, REPO
 from tests.helpers.ports import free_port, port_was_taken
 from tests.helpers.subprocesses import subprocess_environment
 
 TRAIN_SCRIPT = REPO / "carbrand" / "train.py"
 CPU_RECIPE = REPO / "configs" / "cars5_cpu.yaml"
+PROBE = HELPERS / "rank_state_probe.py"
 
 
 def launch_command(num_processes: int, script: Path = TRAIN_SCRIPT) -> list[str]:
@@ -30,6 +31,14 @@ QUICK = ("data.image_size=64",)
 def train_command(prepared: Path, run_dir: Path, *overrides: str, num_processes: int = 1) -> list[str]:
     return launch_command(num_processes) + [
         "--config", str(CPU_RECIPE), f"data.manifest={prepared}", f"output.dir={run_dir}", *QUICK, *overrides]
+
+
+def probed_train_command(prepared: Path, run_dir: Path, out: Path, *overrides: str, num_processes: int = 2) -> list[str]:
+    """train_command, started through tests/helpers/rank_state_probe.py: each rank records its own state in `out`.
+    Probe options (--record-mixes, ...) may stand among the overrides."""
+    command = train_command(prepared, run_dir, *overrides, num_processes=num_processes)
+    at = command.index(str(TRAIN_SCRIPT))
+    return command[:at] + [str(PROBE), str(out)] + command[at + 1:]
 
 
 def run_training(prepared: Path, run_dir: Path, *overrides: str, num_processes: int = 1, timeout: float = 600,
