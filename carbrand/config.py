@@ -81,7 +81,7 @@ class TrainConfig:
     eval_every_steps: int = 0  # validate every N steps (0 = at the end of every epoch)
     checkpoint_every_steps: int = 0  # extra checkpoints every N steps (0 = end of epoch only)
     keep_checkpoints: int = 3  # keep the newest K step checkpoints (best/ is kept apart)
-    best_metric: str = "accuracy"  # accuracy | macro_f1: chooses best/
+    best_metric: str = "accuracy"  # accuracy | macro_f1: chooses best/ on val; last: best/ = the final weights
     cudnn_benchmark: bool = True  # autotune convolutions for fixed input shapes
     tf32: bool = True  # TF32 matmuls/convolutions on Ampere+ in fp32 regions
     collective_timeout_s: int = 1800  # a dead rank makes the others fail after this, never hang
@@ -125,7 +125,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
     "optim.name": ("sgd", "adamw"),
     "train.precision": PRECISIONS,
-    "train.best_metric": ("accuracy", "macro_f1"),
+    "train.best_metric": ("accuracy", "macro_f1", "last"),
     "wandb.mode": ("online", "offline", "disabled"),
 }
 

@@ -20,7 +20,8 @@ MIXING = ("train.mixup_alpha=0.2", "train.cutmix_alpha=1.0", "train.mix_switch_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loader, augment", [("torchvision", "trivial"), ("dali", "randaugment")])
+@pytest.mark.parametrize("loader, augment", [("torchvision", "trivial"), ("torchvision", "randaugment"),
+                                             ("dali", "trivial"), ("dali", "randaugment")])
 def test_two_ranks_train_with_augmentation_and_mixing(prepared_cars5, tmp_path, loader, augment):
     if loader == "dali":
         pytest.importorskip("nvidia.dali")

@@ -32,15 +32,19 @@ def test_each_cell_is_trained_and_scored_on_test_and_summarised_over_seeds(prepa
     assert [(r["augment"], r["mix"], r["seed"], r["reused"]) for r in runs] == [("trivial", "on", 0, False),
                                                                                ("trivial", "on", 1, False)]
     for run in runs:
-        evaluated = json.loads((work / f"trivial-mix_on-seed{run['seed']}" / "test" / "metrics.json").read_text())
+        cell = work / f"trivial-mix_on-seed{run['seed']}"
+        best, final = (json.loads((cell / name / "metrics.json").read_text()) for name in ("test", "test_last"))
         assert (run["accuracy"], run["macro_f1"], run["test_samples"]) == (
-            evaluated["accuracy"], evaluated["macro_f1"], 100), "the figure is the evaluator's, on the 100 test photos"
+            best["accuracy"], best["macro_f1"], 100), "the figure is the evaluator's, on the 100 test photos"
+        assert best["checkpoint"] == str(cell / "best") and final["checkpoint"] == str((cell / "last").resolve())
+        assert (run["last_accuracy"], run["last_macro_f1"]) == (final["accuracy"], final["macro_f1"])
         config = (work / f"trivial-mix_on-seed{run['seed']}" / "config.yaml").read_text()
         assert f"seed: {run['seed']}" in config and "augment: trivial" in config and "cutmix_alpha: 1.0" in config
     (summary,) = report["summary"]
     assert summary["accuracy_mean"] == pytest.approx(statistics.fmean(r["accuracy"] for r in runs))
     assert summary["accuracy_sd"] == pytest.approx(statistics.stdev(r["accuracy"] for r in runs))
     assert summary["macro_f1_sd"] == pytest.approx(statistics.stdev(r["macro_f1"] for r in runs))
+    assert summary["last_accuracy_mean"] == pytest.approx(statistics.fmean(r["last_accuracy"] for r in runs))
 
     train_log = work / "trivial-mix_on-seed0" / "train.log"
     before = train_log.stat().st_mtime_ns

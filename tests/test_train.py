@@ -168,9 +168,10 @@ def test_runs_as_module_and_console_script(prepared_cars5, tmp_path):
 
 @pytest.mark.slow
 def test_it_learns_cars5_from_random_init(prepared_cars5, tmp_path):
-    """The cars5 CPU recipe as shipped (96 px, 16 epochs): the best model beats chance (20%) on test."""
+    """The cars5 CPU recipe at 96 px, cut to 16 of its 40 epochs (the whole recipe is a benchmark:
+    docs/TRAINING.md): the exported final weights beat chance (20%) on test."""
     run_dir = tmp_path / "run"
-    result = run_training(prepared_cars5, run_dir, "data.image_size=96")
+    result = run_training(prepared_cars5, run_dir, "data.image_size=96", "train.epochs=16")
     assert_ok(result)
     records = read_metrics(run_dir)
     losses = [r["train/loss"] for r in records if "train/loss" in r]
@@ -182,7 +183,7 @@ def test_it_learns_cars5_from_random_init(prepared_cars5, tmp_path):
     assert_ok(evaluation)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["samples"] == 100
-    # 32 or more right out of 100 happens by chance with probability < 0.5%; this recipe reaches 40.
+    # 32 or more right out of 100 happens by chance with probability < 0.5%; 16 epochs reach 0.40.
     assert metrics["accuracy"] >= 0.32, metrics["accuracy"]
 
 

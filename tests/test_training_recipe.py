@@ -265,3 +265,30 @@ def test_accumulated_micro_batches_give_the_update_of_one_large_batch_and_clippi
         # the global norm (all parameters together) is brought down to the bound, the direction kept
         assert clipped.norm().item() == pytest.approx(clip, rel=1e-3)  # (float32 differences of the weights)
         torch.testing.assert_close(clipped, unclipped * (clip / gradient_norm), rtol=1e-3, atol=1e-6 * gradient_norm)
+
+
+def test_best_metric_last_exports_the_final_weights_whatever_val_says(prepared_cars5, tmp_path, one_torch_thread):
+    """`train.best_metric: last`: validation still runs and is logged, but best/ ends as the final weights, here
+    while the scripted val accuracy only falls (every other metric would keep step 4's model)."""
+    from accelerate.state import AcceleratorState
+
+    import carbrand.train as trainer
+    from carbrand.config import load_config
+
+    falling = {4: 0.9, 8: 0.6, 12: 0.3, 16: 0.1}
+    validate = trainer.validate
+    run_dir = tmp_path / "run"
+    config = load_config(CPU_RECIPE, [f"data.manifest={prepared_cars5}", f"output.dir={run_dir}", "data.image_size=32",
+                                      "data.workers=0", "data.loader=torchvision", "train.epochs=1",
+                                      "train.eval_every_steps=4", "train.best_metric=last", "wandb.mode=disabled"])
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(trainer, "validate", lambda run: validate(run) | {"accuracy": falling[run.progress.step]})
+        try:
+            assert trainer.train(config) == 0
+        finally:
+            AcceleratorState._reset_state(True)
+    assert [r["val/accuracy"] for r in read_metrics(run_dir) if "val/accuracy" in r] == [0.9, 0.6, 0.3, 0.1, 0.1]
+    best = load_file(str(run_dir / "best" / "model.safetensors"))
+    final = load_file(str(run_dir / "checkpoints" / "step_16" / "model.safetensors"))
+    assert sorted(best) == sorted(final) and all(torch.equal(best[k], final[k]) for k in best), \
+        "best/ is not the final weights"

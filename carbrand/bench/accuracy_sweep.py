@@ -4,13 +4,14 @@
         --augment none,trivial,randaugment --mix off,on --seeds 0,1,2 --work-dir runs/sweep-cars5
 
 Every cell (augment policy x mixing x seed) is one real `carbrand train` from scratch, then
-`carbrand evaluate` of its best/ on the test split, each in a fresh process. A cell whose
+`carbrand evaluate` on the test split of its best/ (the model the run exports, chosen on val)
+and of its final weights (its `last` checkpoint), each in a fresh process. A cell whose
 evaluation is already in the work directory is read, not rerun, so a stopped sweep goes on
 where it stopped. `--parallel P` runs P cells at once, each with cores / P intra-op threads:
 on a small CPU host that is more images/s in all than one cell on every core, and the
 figures do not depend on it (a run is fixed by its seed and its number of epochs, not its speed).
-The report holds every run (test accuracy, macro-F1, best val accuracy, last train loss,
-seconds) and, per cell, the mean and the sample standard deviation over the seeds.
+The report holds every run (test accuracy and macro-F1 of best/ and of the final weights, best
+val accuracy, the val accuracy of every evaluation, last train loss, seconds) and, per cell, the mean and the sample standard deviation over the seeds.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ MIX_SETTINGS = {
     "cutmix": {"train.mixup_alpha": 0.0, "train.cutmix_alpha": 1.0},
     "on": {"train.mixup_alpha": 0.2, "train.cutmix_alpha": 1.0, "train.mix_switch_prob": 0.5},
 }
-SUMMARISED = ("accuracy", "macro_f1", "best_val_accuracy", "train_seconds")
+SUMMARISED = ("accuracy", "macro_f1", "last_accuracy", "last_macro_f1", "best_val_accuracy", "train_seconds")
+# Both the exported model (best/, chosen on val) and the final weights are scored: on a small val split the
+# choice of best/ is itself noisy, and the two figures show what it costs.
+EVALUATIONS = {"best": "test", "last": "test_last"}
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,11 @@ def train_command(args, cell: Cell, run_dir: Path) -> list[str]:
             *args.overrides, *(f"{key}={value}" for key, value in settings.items())]
 
 
-def evaluate_command(args, run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "carbrand.cli", "evaluate", "--checkpoint", str(run_dir / "best"),
-            "--data", args.manifest, "--split", args.split, "--out", str(run_dir / "test"), "--wandb-mode", "disabled"]
+def evaluate_command(args, run_dir: Path, weights: str) -> list[str]:
+    """Score `weights` (best: what the run exported; last: its final checkpoint) on the test split."""
+    return [sys.executable, "-m", "carbrand.cli", "evaluate", "--checkpoint", str(run_dir / weights),
+            "--data", args.manifest, "--split", args.split, "--out", str(run_dir / EVALUATIONS[weights]),
+            "--wandb-mode", "disabled"]
 
 
 def run_cell(args, cell: Cell, threads: int) -> dict:
@@ -94,7 +100,9 @@ def run_cell(args, cell: Cell, threads: int) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_MODE="disabled")
     started = time.monotonic()
-    for step, command in (("train", train_command(args, cell, run_dir)), ("evaluate", evaluate_command(args, run_dir))):
+    steps = (("train", train_command(args, cell, run_dir)), ("evaluate", evaluate_command(args, run_dir, "best")),
+             ("evaluate_last", evaluate_command(args, run_dir, "last")))
+    for step, command in steps:
         log = run_dir / f"{step}.log"
         with open(log, "w") as out:
             # The child dies with the bench however the bench ends (kill -9 included): no orphan trains on.
@@ -111,20 +119,22 @@ def run_cell(args, cell: Cell, threads: int) -> dict:
 
 def read_cell(args, cell: Cell) -> dict:
     run_dir = Path(args.work_dir) / cell.name
-    test = json.loads((run_dir / "test" / "metrics.json").read_text())
+    test, last = (json.loads((run_dir / out / "metrics.json").read_text()) for out in EVALUATIONS.values())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     val = [r["val/accuracy"] for r in records if "val/accuracy" in r]
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     timing = json.loads((run_dir / "sweep_cell.json").read_text())
     return {"augment": cell.augment, "mix": cell.mix, "seed": cell.seed, "run_dir": str(run_dir),
             "accuracy": test["accuracy"], "macro_f1": test["macro_f1"], "test_samples": test["samples"],
+            "last_accuracy": last["accuracy"], "last_macro_f1": last["macro_f1"],
             "best_val_accuracy": max(val) if val else None, "val_accuracy_per_eval": val,
             "last_train_loss": losses[-1] if losses else None, "train_seconds": timing["train_seconds"]}
 
 
 def is_done(args, cell: Cell) -> bool:
     run_dir = Path(args.work_dir) / cell.name
-    return (run_dir / "test" / "metrics.json").is_file() and (run_dir / "sweep_cell.json").is_file()
+    return all((run_dir / out / "metrics.json").is_file() for out in EVALUATIONS.values()) and (
+        run_dir / "sweep_cell.json").is_file()
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -148,11 +158,12 @@ def markdown_table(summary: list[dict]) -> str:
         mean, sd = row[f"{key}_mean"], row[f"{key}_sd"]
         return "–" if mean is None else f"{mean:.{digits}f}" + ("" if sd is None else f" ± {sd:.{digits}f}")
 
-    lines = ["| augment | mixup/CutMix | seeds | test accuracy | test macro-F1 | best val accuracy | train s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| augment | mixup/CutMix | seeds | test accuracy (best/) | test macro-F1 (best/) | test accuracy (final) "
+             "| test macro-F1 (final) | best val accuracy | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for row in summary:
         lines.append(f"| {row['augment']} | {row['mix']} | {len(row['seeds'])} | {cell(row, 'accuracy')} | "
-                     f"{cell(row, 'macro_f1')} | {cell(row, 'best_val_accuracy')} | {cell(row, 'train_seconds', 0)} |")
+                     f"{cell(row, 'macro_f1')} | {cell(row, 'last_accuracy')} | {cell(row, 'last_macro_f1')} | "
+                     f"{cell(row, 'best_val_accuracy')} | {cell(row, 'train_seconds', 0)} |")
     return "\n".join(lines)
 
 
