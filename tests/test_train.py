@@ -213,7 +213,8 @@ def test_ranks_end_bit_identical_and_best_reproduces_its_validation(prepared_car
     made equal before validation, checkpoints and the export, the EMA's too. Each rank's whole state is read
     here, not the trainer's verdict; then best/, evaluated alone, must score what the trainer logged for it."""
     run_dir, out = tmp_path / "run", tmp_path / "probe"
-    result = run_probe(prepared_cars5, run_dir, out, "train.epochs=1", "train.eval_every_steps=4", "train.ema_decay=0.5")
+    result = run_probe(prepared_cars5, run_dir, out, "train.epochs=1", "train.eval_every_steps=4", "train.ema_decay=0.5",
+                       "train.best_metric=accuracy")  # best/ chosen on val (the CPU recipe exports its final weights)
     assert_ok(result)
     (rank0, _), (rank1, _) = probed(out, 0), probed(out, 1)
     assert sorted(rank0) == sorted(rank1)
