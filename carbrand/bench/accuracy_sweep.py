@@ -7,11 +7,12 @@ Every cell (augment policy x mixing x seed) is one real `carbrand train` from sc
 `carbrand evaluate` on the test split of its best/ (the model the run exports, chosen on val)
 and of its final weights (its `last` checkpoint), each in a fresh process. A cell whose
 evaluation is already in the work directory is read, not rerun, so a stopped sweep goes on
-where it stopped. `--parallel P` runs P cells at once, each with cores / P intra-op threads:
-on a small CPU host that is more images/s in all than one cell on every core, and the
-figures do not depend on it (a run is fixed by its seed and its number of epochs, not its speed).
+where it stopped. `--parallel P` runs P cells at once, each with cores / P intra-op threads (on
+the 2-core machine two cells at once trained about as many images/s in all as one on both
+cores); the figures do not depend on it: a run is fixed by its seed and its steps, not its speed.
 The report holds every run (test accuracy and macro-F1 of best/ and of the final weights, best
-val accuracy, the val accuracy of every evaluation, last train loss, seconds) and, per cell, the mean and the sample standard deviation over the seeds.
+val accuracy, the val accuracy of every evaluation, last train loss, seconds) and, per
+(policy, mixing), the mean and the sample standard deviation over the seeds.
 """
 
 from __future__ import annotations
