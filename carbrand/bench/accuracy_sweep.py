@@ -24,9 +24,9 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from carbrand.bench.train_worker import die_with_bench
 from carbrand.data.augment_policies import AUGMENT_POLICIES
@@ -44,6 +44,7 @@ SUMMARISED = ("accuracy", "macro_f1", "last_accuracy", "last_macro_f1", "best_va
 # Both the exported model (best/, chosen on val) and the final weights are scored: on a small val split the
 # choice of best/ is itself noisy, and the two figures show what it costs.
 EVALUATIONS = {"best": "test", "last": "test_last"}
+POLL_SECONDS = 0.5  # how often the running cells' processes are checked
 
 
 @dataclass(frozen=True)
@@ -95,27 +96,53 @@ def evaluate_command(args, run_dir: Path, weights: str) -> list[str]:
             "--wandb-mode", "disabled"]
 
 
-def run_cell(args, cell: Cell, threads: int) -> dict:
-    """Train and evaluate one cell (logs in its run directory); a failure names the cell and its log."""
+@dataclass
+class RunningCell:
+    """A cell whose steps (train, evaluate best/, evaluate the final weights) run one after another."""
+
+    cell: Cell
+    run_dir: Path
+    steps: list[tuple[str, list[str]]]
+    started: float
+    step: str = ""
+    process: subprocess.Popen | None = None
+    log: IO[str] | None = None
+    train_seconds: float = 0.0
+
+
+def start_cell(args, cell: Cell) -> RunningCell:
     run_dir = Path(args.work_dir) / cell.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_MODE="disabled")
-    started = time.monotonic()
-    steps = (("train", train_command(args, cell, run_dir)), ("evaluate", evaluate_command(args, run_dir, "best")),
-             ("evaluate_last", evaluate_command(args, run_dir, "last")))
-    for step, command in steps:
-        log = run_dir / f"{step}.log"
-        with open(log, "w") as out:
-            # The child dies with the bench however the bench ends (kill -9 included): no orphan trains on.
-            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                  preexec_fn=functools.partial(die_with_bench, os.getpid()))
-        if done.returncode != 0:
-            last = (log.read_text().strip().splitlines() or ["no output"])[-1][-300:]
-            raise CarbrandError(f"bench accuracy: {step} of {cell.name} failed (exit {done.returncode}, {log}): {last}")
-        if step == "train":
-            train_seconds = time.monotonic() - started
-    (run_dir / "sweep_cell.json").write_text(json.dumps({"train_seconds": train_seconds}) + "\n")
-    return read_cell(args, cell)
+    steps = [("train", train_command(args, cell, run_dir)), ("evaluate", evaluate_command(args, run_dir, "best")),
+             ("evaluate_last", evaluate_command(args, run_dir, "last"))]
+    return RunningCell(cell, run_dir, steps, time.monotonic())
+
+
+def start_next_step(running: RunningCell, env: dict[str, str]) -> None:
+    running.step, command = running.steps.pop(0)
+    running.log = open(running.run_dir / f"{running.step}.log", "w")
+    # The child dies with the bench however the bench ends (kill -9 included): no orphan trains on.
+    running.process = subprocess.Popen(command, stdout=running.log, stderr=subprocess.STDOUT, env=env,
+                                       preexec_fn=functools.partial(die_with_bench, os.getpid()))
+
+
+def step_finished(running: RunningCell, env: dict[str, str]) -> bool:
+    """Whether the cell is done; starts its next step when one finished; a failure names the cell and its log."""
+    code = running.process.poll()
+    if code is None:
+        return False
+    running.log.close()
+    log = running.run_dir / f"{running.step}.log"
+    if code != 0:
+        last = (log.read_text().strip().splitlines() or ["no output"])[-1][-300:]
+        raise CarbrandError(f"bench accuracy: {running.step} of {running.cell.name} failed (exit {code}, {log}): {last}")
+    if running.step == "train":
+        running.train_seconds = time.monotonic() - running.started
+    if running.steps:
+        start_next_step(running, env)
+        return False
+    (running.run_dir / "sweep_cell.json").write_text(json.dumps({"train_seconds": running.train_seconds}) + "\n")
+    return True
 
 
 def read_cell(args, cell: Cell) -> dict:
@@ -186,11 +213,7 @@ def run_accuracy_benchmark(args) -> dict:
 
 
 def run_cells(args, todo: list[Cell], threads: int) -> list[dict]:
-    """Up to --parallel cells at once: each pool thread waits on its cell's processes.
-
-    A pool thread lives until every cell is done, so the kernel's parent-death signal (sent
-    when the thread that started a child ends) reaches a child only when the bench itself ends.
-    """
+    """Up to --parallel cells at once, their processes started and watched from this one thread."""
     results: dict[Cell, dict] = {}
     pending = []
     for cell in todo:
@@ -199,16 +222,24 @@ def run_cells(args, todo: list[Cell], threads: int) -> list[dict]:
             print(f"carbrand bench: {cell.name}: done before, read from {args.work_dir}", file=sys.stderr)
         else:
             pending.append(cell)
-
-    def one(cell: Cell) -> tuple[Cell, dict]:
-        result = run_cell(args, cell, threads) | {"reused": False}
-        print(f"carbrand bench: {cell.name}: test accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}, "
-              f"{result['train_seconds']:.0f} s", file=sys.stderr)
-        return cell, result
-
-    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        for cell, result in pool.map(one, pending):
-            results[cell] = result
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_MODE="disabled")
+    running: list[RunningCell] = []
+    try:
+        while pending or running:
+            while pending and len(running) < args.parallel:
+                running.append(start_cell(args, pending.pop(0)))
+                start_next_step(running[-1], env)
+            time.sleep(POLL_SECONDS)
+            for done in [r for r in running if step_finished(r, env)]:
+                running.remove(done)
+                result = results[done.cell] = read_cell(args, done.cell) | {"reused": False}
+                print(f"carbrand bench: {done.cell.name}: test accuracy {result['accuracy']:.3f} (final weights "
+                      f"{result['last_accuracy']:.3f}), {result['train_seconds']:.0f} s", file=sys.stderr)
+    finally:  # a failed cell, Ctrl-C: the other cells' processes end with it
+        for other in running:
+            if other.process.poll() is None:
+                other.process.kill()
+                other.process.wait()
     return [results[cell] for cell in todo]
 
 
