@@ -28,10 +28,9 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 
 from carbrand.config import Config, config_from_dict, safe_yaml_load, save_config
-from carbrand.disk_space import warn_if_short_of_space
 from carbrand.errors import CarbrandError, ConfigError, first_line
-from carbrand.filesystem import read_directory_consistently, write_directory_atomically
-from carbrand.model import load_failure_reason, safe_torch_load
+from carbrand.filesystem import read_directory_consistently, warn_if_short_of_space, write_directory_atomically
+from carbrand.model import build_model, load_classifier_state, load_failure_reason, safe_torch_load, strip_wrapper_prefixes
 
 STEP_PATTERN = re.compile(r"^step_(\d+)$")
 MODEL_FILE = "model.safetensors"
@@ -50,7 +49,6 @@ class Export:
 
 def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """CPU, contiguous, un-prefixed tensors: what safetensors and every reader expect."""
-    from carbrand.model import strip_wrapper_prefixes
 
     return {strip_wrapper_prefixes(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
@@ -100,7 +98,6 @@ def load_export(directory: str | Path) -> Export:
 
 def load_export_model(directory: str | Path) -> tuple[torch.nn.Module, Export]:
     """The exported classifier, on the CPU in eval mode, checked against its own config."""
-    from carbrand.model import build_model, load_classifier_state
 
     export = load_export(directory)
     model = build_model(export.config.model.arch, len(export.classes), pretrained="none")

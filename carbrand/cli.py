@@ -3,16 +3,17 @@
     carbrand prepare SOURCE --out DIR        carbrand.prepare.command
     carbrand train --config FILE [k=v ...]   carbrand.train
     carbrand evaluate --checkpoint DIR ...   carbrand.evaluate
-    carbrand predict --checkpoint DIR PATH   carbrand.predict
-    carbrand export --checkpoint DIR ...     carbrand.export
+    carbrand predict --checkpoint DIR PATH   carbrand.inference.predict
+    carbrand export --checkpoint DIR ...     carbrand.inference.export
     carbrand serve --checkpoint DIR          carbrand.serve.command
-    carbrand calibrate --checkpoint DIR ...  carbrand.calibrate
-    carbrand explain --checkpoint DIR PHOTO  carbrand.explain
+    carbrand calibrate --checkpoint DIR ...  carbrand.evaluation.calibrate
+    carbrand explain --checkpoint DIR PHOTO  carbrand.inference.explain
     carbrand demo                            carbrand.demo.command
     carbrand bench data|train ...            carbrand.bench.command
 
-Each module exposes `add_arguments(parser)` and `run(args) -> int`. A `CarbrandError`
-raised anywhere becomes one line on stderr and its exit code (2 for usage errors).
+Each module exposes `add_arguments(parser)` and `run(args) -> int`; carbrand.command_line runs
+it: a `CarbrandError` raised anywhere becomes one line on stderr and its exit code (2 for usage
+errors). Only the chosen command's module is imported: `carbrand predict` need not load the trainer.
 """
 
 from __future__ import annotations
@@ -21,17 +22,17 @@ import argparse
 import importlib
 import sys
 
-from carbrand.errors import CarbrandError
+from carbrand.command_line import run_command_module
 
 COMMANDS = {
     "prepare": ("carbrand.prepare.command", "verify images and write a prepared dataset (manifest)"),
     "train": ("carbrand.train", "train a brand classifier (use `accelerate launch` for several processes)"),
     "evaluate": ("carbrand.evaluate", "test-set metrics of an exported model"),
-    "predict": ("carbrand.predict", "which brand is this? top-k brands for image files or folders"),
-    "export": ("carbrand.export", "write the model as ONNX or TorchScript with its input contract"),
+    "predict": ("carbrand.inference.predict", "which brand is this? top-k brands for image files or folders"),
+    "export": ("carbrand.inference.export", "write the model as ONNX or TorchScript with its input contract"),
     "serve": ("carbrand.serve.command", "an HTTP service and web page that answer which brand a photo shows"),
-    "calibrate": ("carbrand.calibrate", "fit the temperature and the 'unknown' threshold of an export (calibration.json)"),
-    "explain": ("carbrand.explain", "Grad-CAM overlays: where in each photo the model saw its brand"),
+    "calibrate": ("carbrand.evaluation.calibrate", "fit the temperature and the 'unknown' threshold of an export (calibration.json)"),
+    "explain": ("carbrand.inference.explain", "Grad-CAM overlays: where in each photo the model saw its brand"),
     "bench": ("carbrand.bench.command", "measure loader and training throughput (images/s, JSON)"),
     "demo": ("carbrand.demo.command", "generate a demo dataset, then prepare, train, evaluate and predict on it"),
 }
@@ -45,16 +46,6 @@ def top_level_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def command_parser(name: str):
-    """Import only the chosen command's module: `carbrand predict` need not load the trainer."""
-    module = importlib.import_module(COMMANDS[name][0])
-    description = (module.__doc__ or COMMANDS[name][1]).strip()
-    parser = argparse.ArgumentParser(prog=f"carbrand {name}", description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    module.add_arguments(parser)
-    return parser, module
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
@@ -63,17 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(name: str, argv: list[str] | None = None) -> int:
-    """Parse one command's arguments and run it; also what `python carbrand/train.py` etc. call."""
-    parser, module = command_parser(name)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return int(module.run(args) or 0)
-    except CarbrandError as error:
-        print(f"carbrand {name}: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print(f"carbrand {name}: interrupted", file=sys.stderr)
-        return 130
+    """Import the named command's module, then parse its arguments and run it."""
+    return run_command_module(name, importlib.import_module(COMMANDS[name][0]), argv)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ from typing import Any
 import yaml
 
 from carbrand.errors import ConfigError
-from carbrand.data.augment_policies import AUGMENT_POLICIES
-from carbrand.precision import PRECISIONS
 
 
 @dataclass
@@ -114,6 +112,12 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+# train.precision: what each means in torch is carbrand/precision.py's table.
+PRECISIONS = ("no", "bf16", "fp16")
+# data.augment: the loaders implement each (data/augment_policies.py for torchvision, data/dali_augment.py for DALI).
+# The names live here so that reading a config imports neither torch nor the loaders.
+AUGMENT_POLICIES = ("none", "trivial", "randaugment", "autoaugment")
 
 # A number in exponent notation, e.g. 1e-3, 2E5, 1.0e3, .5e-2 (what YAML 1.1 leaves as a string)
 SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")

@@ -12,7 +12,7 @@ gathers one small record per image, checks that every image was counted exactly 
 and writes OUT (default: next to the checkpoint, RUN/eval_<split> for RUN/best and
 RUN/.../eval_<name>_<split> for any other export): metrics.json, per_class.csv,
 confusion_matrix.png, misclassified.csv, predictions.csv, reliability.png and report.html
-(see evaluation_report.py).
+(see evaluation/report.py).
 
 Confidence: when the export holds calibration.json (`carbrand calibrate`, or the end of
 training), probabilities are also scored after temperature scaling (ECE and NLL before and
@@ -31,28 +31,39 @@ them the threshold answers "unknown".
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from carbrand.command_line import rerun_as_module, run_command_module
 
-if not __package__:  # run as a file (accelerate launch / torchrun carbrand/evaluate.py)
-    _here = Path(__file__).resolve().parent
-    # The script's own folder would shadow top-level modules (config, metrics, ...): use the repo root.
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
+if __name__ == "__main__" and not __package__:  # the file, given to accelerate launch or torchrun
+    rerun_as_module("carbrand.evaluate")  # before any other import: see rerun_as_module
 
-import argparse
+import argparse  # noqa: E402 - after the re-run above, as are the imports below
 import dataclasses
 import math
+import os
 import shutil
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
 
-from carbrand.checkpoint import load_export_model
+from carbrand.checkpoint import Export, load_export_model
+from carbrand.config import Config
+from carbrand.data.loaders import build_eval_loader, resolve_backend
+from carbrand.data.manifest import SPLITS, Sample, load_prepared
 from carbrand.errors import CarbrandError, DataError, UsageError, first_line
-from carbrand.inference import PRECISIONS, place_model, predict_batches, resolve_precision
+from carbrand.evaluation import calibration_report, report
+from carbrand.evaluation.html_report import Explainer, build_gallery
+from carbrand.evaluation.report import SampleRecord, check_output_directory, default_out_dir
+from carbrand.inference.calibration import calibrated_probabilities, load_calibration, resolve_min_confidence
+from carbrand.inference.classifier import PRECISIONS, place_model, predict_batches, resolve_precision
+from carbrand.inference.gradcam import explain
 from carbrand.precision import input_dtype
+from carbrand.prepare.command import prepare_dataset
+from carbrand.tracking import Tracker
 
 UNKNOWN_BRAND_MODES = ("error", "report")
 
@@ -83,12 +94,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="W&B mode (default: the export's wandb.mode; WANDB_MODE overrides)")
 
 
-def default_out_dir(checkpoint: Path, split: str) -> Path:
-    checkpoint = checkpoint.resolve()
-    name = f"eval_{split}" if checkpoint.name == "best" else f"eval_{checkpoint.name}_{split}"
-    return checkpoint.parent / name
-
-
 def check_arguments(args: argparse.Namespace) -> None:
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be a positive integer; got {args.batch_size}")
@@ -110,8 +115,6 @@ def open_split(data: Path, split: str, workers: int | None, scratch: Path):
     A raw flat tree (root/<brand>/*) is verified with prepare's rules and all of it is the
     split; a raw split tree (root/test/<brand>/*) gives its own `split` folder.
     """
-    from carbrand.data.manifest import SPLITS, load_prepared
-
     if (data / "manifest.json").is_file():
         dataset = load_prepared(data)
         if split not in SPLITS:
@@ -120,8 +123,6 @@ def open_split(data: Path, split: str, workers: int | None, scratch: Path):
         if not samples:
             raise DataError(f"{data}: split '{split}' is empty (have: {', '.join(n for n, s in dataset.splits.items() if s) or 'none'})")
         return dataset.classes, samples, "prepared"
-    from carbrand.prepare.command import prepare_dataset
-
     # No val carved out, no leaked copy dropped, no near-duplicate search: every accepted image is evaluated.
     summary = prepare_dataset(data, scratch, quiet=True, val_frac=0.0, test_frac=0.0, keep_leaked=True,
                               near_duplicate_distance=-1, workers=workers or None)
@@ -154,22 +155,66 @@ def match_brands(data_classes: list[str], model_classes: list[str], samples, mod
     return [model_label.get(s.brand, -1) for s in samples]
 
 
+@dataclasses.dataclass(frozen=True)
+class Confidence:
+    """What the export's calibration.json says (temperature 1 and no threshold without one)."""
+
+    temperature: float
+    threshold: float | None  # calibrated top-1 probability below which the answer is "unknown"
+    calibrated: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """How the split was evaluated: heads metrics.json."""
+
+    data_kind: str  # "prepared", or the kind of raw image folder
+    split: str
+    split_samples: int
+    world_size: int
+    loader: str
+    decode: str
+    precision: str
+    tta_flip: bool
+    batch_size: int
+    arch: str
+    image_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """Everything the main process reports on: the model, the split, every rank's records, and how."""
+
+    export: Export
+    data: Path
+    samples: list[Sample]
+    targets: list[int]  # model label of each sample's brand, -1 for a brand the model does not know
+    records: list[SampleRecord]  # gathered from every rank, one per image
+    top_k: int
+    setup: Setup
+    confidence: Confidence
+    started: float  # time.perf_counter() at the start of the command
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportOptions:
+    """Where and how the results go."""
+
+    out: Path
+    gallery: int  # report.html: the most confident mistakes shown per brand
+    explain: Explainer | None  # Grad-CAM of a photo for the gallery (None without one)
+    wandb_mode: str | None
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     check_arguments(args)
     model, export = load_export_model(args.checkpoint)
-    confidence = confidence_settings(args.checkpoint, args.min_confidence)
+    confidence = read_confidence(args.checkpoint, args.min_confidence)
     out = (args.out or default_out_dir(args.checkpoint, args.split)).resolve()
     if out == export.directory.resolve():
         raise UsageError(f"--out {out} is the checkpoint itself: choose another directory")
-    from carbrand.evaluation_report import check_output_directory
-
     check_output_directory(out)  # before any work: OUT is replaced as a whole at the end
-
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object
-
-    from carbrand.data.loaders import build_eval_loader, resolve_backend
 
     # cpu=True is what makes Accelerate form a gloo group under torchrun on a machine without GPUs
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -198,12 +243,15 @@ def run(args: argparse.Namespace) -> int:
         records = shard_records(predictions, targets, top_k, confidence.temperature)
         gathered = gather_object(records)  # every rank's records, in rank order, on every rank
         if accelerator.is_main_process:
-            how = {"data_kind": data_kind, "split": args.split, "split_samples": len(samples),
-                   "world_size": accelerator.num_processes, "loader": backend.loader, "decode": backend.decode,
-                   "precision": precision, "tta_flip": args.tta_flip, "batch_size": data_config.batch_size,
-                   "arch": export.config.model.arch, "image_size": data_config.image_size}
-            confidence.explain = gallery_explainer(model, export.config)
-            tracker = report_results(args, export, samples, targets, gathered, out, top_k, started, how, confidence)
+            setup = Setup(data_kind=data_kind, split=args.split, split_samples=len(samples),
+                          world_size=accelerator.num_processes, loader=backend.loader, decode=backend.decode,
+                          precision=precision, tta_flip=args.tta_flip, batch_size=data_config.batch_size,
+                          arch=export.config.model.arch, image_size=data_config.image_size)
+            evaluation = Evaluation(export=export, data=args.data, samples=samples, targets=targets, records=gathered,
+                                    top_k=top_k, setup=setup, confidence=confidence, started=started)
+            options = ReportOptions(out=out, gallery=args.gallery, wandb_mode=args.wandb_mode,
+                                    explain=gallery_explainer(model, export.config) if args.gallery else None)
+            tracker = report_results(evaluation, options)
         accelerator.wait_for_everyone()
         accelerator.end_training()  # destroys the process group
     finally:
@@ -221,8 +269,6 @@ def open_split_on_main(accelerator, data: Path, split: str, workers: int | None)
     scratch folder (possibly on another node's /tmp): the samples name the images under `data`,
     which every process reads.
     """
-    from accelerate.utils import broadcast_object_list
-
     outcome = [None]
     if accelerator.is_main_process:
         scratch = Path(tempfile.mkdtemp(prefix="carbrand-eval-data-"))
@@ -242,98 +288,78 @@ def open_split_on_main(accelerator, data: Path, split: str, workers: int | None)
     return outcome[0]
 
 
-@dataclasses.dataclass
-class ConfidenceSettings:
-    temperature: float  # 1.0 without calibration.json
-    threshold: float | None  # calibrated top-1 probability below which the answer is "unknown"
-    calibrated: bool
-    explain: object = None  # (photo, label) -> gradcam.Explanation, for report.html's gallery (main process)
-
-
-def confidence_settings(checkpoint: Path, min_confidence: str | None) -> ConfidenceSettings:
-    from carbrand.calibration import load_calibration, resolve_min_confidence
-
+def read_confidence(checkpoint: Path, min_confidence: str | None) -> Confidence:
     calibration = load_calibration(checkpoint)
     if min_confidence is None:
         threshold = calibration.threshold if calibration is not None else None
     else:
         threshold = resolve_min_confidence(min_confidence, calibration, checkpoint)
-    return ConfidenceSettings(temperature=calibration.temperature if calibration else 1.0, threshold=threshold,
-                              calibrated=calibration is not None)
+    return Confidence(temperature=calibration.temperature if calibration else 1.0, threshold=threshold,
+                      calibrated=calibration is not None)
 
 
-def gallery_explainer(model, config):
+def gallery_explainer(model, config: Config) -> Explainer:
     """Grad-CAM in the eval geometry with the evaluated model, wherever it is placed."""
-    from carbrand.gradcam import explain
-
     return lambda photo, label: explain(model, photo, image_size=config.data.image_size,
                                         crop_fraction=config.data.eval_crop_fraction, label=label,
                                         channels_last=config.train.channels_last)
 
 
-def report_results(args, export, samples, targets: list[int], gathered: list, out: Path, top_k: int, started: float,
-                   how: dict, confidence: ConfidenceSettings):
+def report_results(evaluation: Evaluation, options: ReportOptions) -> Tracker | None:
     """Main process: check every image was counted once, compute the metrics, write OUT, log to W&B.
 
-    `how` (split, loader, precision, ...) heads metrics.json. Returns the W&B tracker (to finish), or None.
+    Returns the W&B tracker (to finish), or None.
     """
-    from carbrand import evaluation_report as report
-    from carbrand.html_report import build_gallery
-
-    indices = sorted(r.index for r in gathered)
+    samples, classes = evaluation.samples, evaluation.export.classes
+    indices = sorted(r.index for r in evaluation.records)
     assert indices == list(range(len(samples))), (
         f"gathered {len(indices)} records for {len(samples)} samples: some image was dropped or counted twice")
-    threshold = confidence.threshold
+    threshold = evaluation.confidence.threshold
     scored = [report.ScoredSample(path=str(samples[r.index].path), true_brand=samples[r.index].brand,
-                                  target=targets[r.index], record=r,
-                                  rejected=threshold is not None and r.calibrated_confidence < threshold) for r in gathered]
-    metrics = confidence_metrics(args, export, scored, top_k, how, confidence)
-    gallery = build_gallery(report.mistakes(scored), export.classes, args.gallery, confidence.explain) if args.gallery else []
-    metrics["seconds"] = round(time.perf_counter() - started, 3)
-    report.write_outputs(out, metrics, scored, export.classes, gallery)
+                                  target=evaluation.targets[r.index], record=r,
+                                  rejected=threshold is not None and r.calibrated_confidence < threshold)
+              for r in evaluation.records]
+    metrics = confidence_metrics(evaluation, scored)
+    gallery = build_gallery(report.mistakes(scored), classes, options.gallery, options.explain) if options.gallery else []
+    metrics["seconds"] = round(time.perf_counter() - evaluation.started, 3)
+    report.write_outputs(options.out, metrics, scored, classes, gallery)
     print(report.format_summary(metrics))
-    print(f"wrote {out}")
+    print(f"wrote {options.out}")
     tracker = None
     try:  # the results are on disk already: W&B trouble is a warning, never a failed evaluation
-        tracker = start_tracker(out, export.config, args.wandb_mode)
+        tracker = start_tracker(options.out, evaluation.export.config, options.wandb_mode)
         if tracker is not None:
-            report.log_to_wandb(tracker, metrics, out, scored, export.classes, gallery)
+            report.log_to_wandb(tracker, metrics, options.out, scored, classes, gallery)
     except Exception as error:
         print(f"carbrand evaluate: warning: W&B logging failed ({type(error).__name__}: {error}); "
-              f"the results are in {out}", file=sys.stderr)
+              f"the results are in {options.out}", file=sys.stderr)
     return tracker
 
 
-def confidence_metrics(args, export, scored: list, top_k: int, how: dict, confidence: ConfidenceSettings) -> dict:
+def confidence_metrics(evaluation: Evaluation, scored: list[report.ScoredSample]) -> dict:
     """metrics.json: the evaluator's metrics, then calibration before/after, "unknown" answers and the open set."""
-    from carbrand import calibration_report as C
-    from carbrand import evaluation_report as report
-
+    export, confidence = evaluation.export, evaluation.confidence
     known = [s for s in scored if s.target >= 0]
-    metrics, _ = report.build_metrics(scored, export.classes, top_k)
+    metrics, _ = report.build_metrics(scored, export.classes, evaluation.top_k)
     metrics = {
         "checkpoint": str(export.directory.resolve()),
-        "data": str(args.data.resolve()),
-        **how,
+        "data": str(evaluation.data.resolve()),
+        **dataclasses.asdict(evaluation.setup),
         **metrics,
-        **C.calibration_metrics(known, confidence.temperature, confidence.calibrated),
-        **C.rejection_metrics(known, confidence.threshold),
+        **calibration_report.calibration_metrics(known, confidence.temperature, confidence.calibrated),
+        **calibration_report.rejection_metrics(known, confidence.threshold),
         "unknown_brands": report.unknown_brand_report(scored, export.classes),
     }
-    open_set = C.open_set_metrics(scored, confidence.threshold)
+    open_set = calibration_report.open_set_metrics(scored, confidence.threshold)
     if open_set is not None:
         metrics["open_set"] = open_set
     return metrics
 
 
-def shard_records(predictions, targets: list[int], top_k: int, temperature: float = 1.0) -> list:
+def shard_records(predictions, targets: list[int], top_k: int, temperature: float = 1.0) -> list[SampleRecord]:
     """One picklable record per image of this rank's shard (a few numbers, never the full probability vector)."""
-    from carbrand.evaluation_report import SampleRecord
-
     top = predictions.probabilities.topk(top_k, dim=1)
     confidence, predicted = top.values[:, 0], top.indices[:, 0]
-    from carbrand.calibration import calibrated_probabilities
-
     calibrated = calibrated_probabilities(predictions.logits, temperature)
     records = []
     for row, index in enumerate(predictions.indices.tolist()):
@@ -347,12 +373,8 @@ def shard_records(predictions, targets: list[int], top_k: int, temperature: floa
     return records
 
 
-def start_tracker(out: Path, config, wandb_mode: str | None):
+def start_tracker(out: Path, config: Config, wandb_mode: str | None) -> Tracker | None:
     """A W&B run of job_type evaluate in OUT, unless the effective mode is disabled."""
-    import os
-
-    from carbrand.tracking import Tracker
-
     config = dataclasses.replace(config, wandb=dataclasses.replace(config.wandb, mode=wandb_mode or config.wandb.mode))
     if os.environ.get("WANDB_MODE", config.wandb.mode) == "disabled":
         return None
@@ -360,9 +382,7 @@ def start_tracker(out: Path, config, wandb_mode: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from carbrand.cli import run_command
-
-    return run_command("evaluate", argv)
+    return run_command_module("evaluate", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from accelerate.state import PartialState, is_initialized
 from torch import nn
 
 from carbrand.errors import CarbrandError, UsageError
@@ -67,7 +68,6 @@ def node_local_main_first():
     for the collective timeout; all ranks take part whether or not their node has the file,
     so nodes never disagree about the collectives.
     """
-    from accelerate.state import PartialState, is_initialized
 
     state = PartialState() if is_initialized() else None
     first = state is None or state.is_local_main_process

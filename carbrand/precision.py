@@ -4,8 +4,8 @@
     bf16  autocast to bfloat16; loaders hand over bfloat16 images
     fp16  autocast to float16 with a grad scaler (CUDA only); loaders hand over float16 images
 
-Config validation, the trainer, the evaluator, the predictor and the benchmarks all read
-this table, so a new precision is added in one place.
+The trainer, the evaluator, the predictor and the benchmarks all read this table; the names
+themselves are config.PRECISIONS (config validation needs them without importing torch).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import contextlib
 
 import torch
 
-PRECISIONS = ("no", "bf16", "fp16")
+# one entry per config.PRECISIONS name (tests/test_config.py holds them equal)
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -18,7 +18,12 @@ and `check_ranks_agree` compares every tensor, bit for bit, at the end.
 
 from __future__ import annotations
 
-import argparse
+from carbrand.command_line import rerun_as_module, run_command_module
+
+if __name__ == "__main__" and not __package__:  # the file, given to accelerate launch or torchrun
+    rerun_as_module("carbrand.train")  # before any other import: see rerun_as_module
+
+import argparse  # noqa: E402 - after the re-run above, as are the imports below
 import datetime
 import hashlib
 import re
@@ -26,12 +31,6 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-if not __package__:  # run as a file by `accelerate launch` / `torchrun`
-    _here = Path(__file__).resolve().parent
-    # The script's own folder would shadow top-level modules (config, data, metrics, ...): use the repo root.
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +47,6 @@ from accelerate.utils import (
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from carbrand.calibrate import calibrate_run
 from carbrand.checkpoint import (
     EMA_FILE,
     TrainingCheckpoint,
@@ -62,19 +60,20 @@ from carbrand.config import Config, load_config, save_config
 from carbrand.data.loader_base import EvalLoader, TrainLoader
 from carbrand.data.loaders import build_eval_loader, build_train_loader, resolve_backend
 from carbrand.data.manifest import load_prepared
-from carbrand.divergence import DivergenceGuard, ScalerSkips
 from carbrand.errors import CarbrandError, ConfigError, DataError, first_line
+from carbrand.evaluation.calibrate import calibrate_run
 from carbrand.filesystem import check_run_dir_writable
-from carbrand.heartbeat import Heartbeat
 from carbrand.metrics import confusion_matrix, summarize
-from carbrand.mixing import NO_MIX, Mix, apply_mix, draw_mix, mixed_cross_entropy, mixing_summary
 from carbrand.model import build_model, load_classifier_state
-from carbrand.optimization import Schedule, build_optimizer, build_scheduler, peak_learning_rate
 from carbrand.precision import input_dtype
-from carbrand.preemption import EXIT_CODE_PREEMPTED, StopRequest
-from carbrand.run_lock import RunDirLock, lock_run_dir
-from carbrand.throughput import ThroughputWindow
 from carbrand.tracking import Tracker
+from carbrand.training.divergence import DivergenceGuard, ScalerSkips
+from carbrand.training.heartbeat import Heartbeat
+from carbrand.training.mixing import NO_MIX, Mix, apply_mix, draw_mix, mixed_cross_entropy, mixing_summary
+from carbrand.training.optimization import Schedule, build_optimizer, build_scheduler, peak_learning_rate
+from carbrand.training.preemption import EXIT_CODE_PREEMPTED, StopRequest
+from carbrand.training.run_lock import RunDirLock, lock_run_dir
+from carbrand.training.throughput import ThroughputWindow
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO / "configs" / "default.yaml"  # what `accelerate launch carbrand/train.py` trains with no --config
@@ -351,9 +350,12 @@ def train_loop(run: Run, stop_request: StopRequest) -> int:
                 finish_optimizer_step(run)
                 bar.update(1)
 
-                at_log = progress.step % t.log_every == 0 or progress.step == run.total_steps
-                at_eval = bool(t.eval_every_steps) and progress.step % t.eval_every_steps == 0
-                at_save = bool(t.checkpoint_every_steps) and progress.step % t.checkpoint_every_steps == 0
+                last_step = progress.step == run.total_steps
+                at_log = progress.step % t.log_every == 0 or last_step
+                # The epoch end below validates the run's last step and saves every epoch's last one: not here too.
+                at_eval = bool(t.eval_every_steps) and progress.step % t.eval_every_steps == 0 and not last_step
+                at_save = (bool(t.checkpoint_every_steps) and progress.step % t.checkpoint_every_steps == 0
+                           and not (last_step or progress.batch_in_epoch >= run.micro_batches_per_epoch))
                 if at_log or at_eval or at_save:
                     check_finite(run)  # sync point: nothing from a diverged step is logged, kept or saved
                 if at_log:
@@ -573,9 +575,7 @@ def report_stop(run: Run, stop_request: StopRequest) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from carbrand.cli import run_command
-
-    return run_command("train", argv)
+    return run_command_module("train", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

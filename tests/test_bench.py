@@ -17,12 +17,12 @@ from pathlib import Path
 import psutil
 import pytest
 from PIL import Image
-from tests.helpers.paths import REPO
-from tests.helpers.subprocesses import assert_ok, subprocess_environment
-from tests.helpers.training_runs import CPU_RECIPE
 
 from carbrand.bench.photo_set import build_photo_set, describe
 from carbrand.data.manifest import load_prepared
+from tests.helpers.paths import REPO
+from tests.helpers.subprocesses import assert_ok, subprocess_environment
+from tests.helpers.training_runs import CPU_RECIPE
 
 
 def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from carbrand.calibration import fit_calibration, fit_temperature, known_share_threshold, load_calibration, nll
+from carbrand.inference.calibration import fit_calibration, fit_temperature, known_share_threshold, load_calibration, nll
 from tests.helpers.exports import fit_export
 
 KNOWN = ["audi", "lamborghini", "mercedes"]  # bmw and ferrari play the brands the model never saw
@@ -211,7 +211,7 @@ def test_predict_min_confidence_auto_answers_unknown_for_a_bmw(three_brand_run, 
     rejected = [Path(r["path"]) for r in bmws if r["answer"] == "unknown"]
     kept = [Path(r["path"]) for r in bmws if r["answer"] != "unknown"]
     assert rejected, "no bmw photo under the stored threshold"
-    from carbrand import predict
+    from carbrand.inference import predict
 
     assert predict.main(["--checkpoint", str(three_brand_run["export"]), "--json", "--min-confidence", "auto",
                          str(rejected[0]), str(kept[0])]) == 0
@@ -226,7 +226,7 @@ def test_predict_min_confidence_auto_answers_unknown_for_a_bmw(three_brand_run, 
 
 
 def test_min_confidence_auto_without_calibration_and_bad_values_are_one_line(fitted_cars5_export, cars5_dir, capsys):
-    from carbrand import predict
+    from carbrand.inference import predict
 
     photo = next((cars5_dir / "test" / "bmw").iterdir())
     assert predict.main(["--checkpoint", str(fitted_cars5_export), "--min-confidence", "auto", str(photo)]) == 2

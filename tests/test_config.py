@@ -4,12 +4,13 @@ import dataclasses
 import re
 import subprocess
 import sys
+
 import pytest
 import yaml
 
-from carbrand.config import Config, load_config
+from carbrand.config import PRECISIONS, Config, load_config
 from carbrand.errors import ConfigError
-
+from carbrand.precision import AUTOCAST_DTYPES
 from tests.helpers.paths import REPO
 
 
@@ -122,3 +123,8 @@ def test_yaml_no_and_off_stay_strings_only_true_false_are_booleans(tmp_path):
     assert load_config(None, ["train.precision=no"]).train.precision == "no"
     with pytest.raises(ConfigError, match="'train.channels_last' must be of type bool, got 'off'"):
         load_config(None, ["train.channels_last=off"])
+
+
+def test_every_precision_name_has_an_autocast_dtype():
+    """config.PRECISIONS validates train.precision without torch; precision.AUTOCAST_DTYPES gives each its meaning."""
+    assert set(AUTOCAST_DTYPES) == set(PRECISIONS)

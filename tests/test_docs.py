@@ -18,6 +18,7 @@ import ast
 import re
 
 from tests.helpers.paths import REPO
+
 TOP_FOLDERS = ("carbrand", "configs", "launch", "slurm", "docs", "tests")
 PATH_TOKEN = re.compile(r"(?<![\w/.\-])(?:" + "|".join(TOP_FOLDERS) + r")/[^\s`'\"()\[\],;:|=#]*")
 PLACEHOLDER = re.compile(r"[*<>{}$]|\.\.\.")

@@ -18,7 +18,6 @@ from sklearn import metrics as skm
 
 from carbrand.checkpoint import plain_state_dict, save_export
 from carbrand.model import build_model
-
 from tests.helpers.exports import CARS5, export_config, reference_probabilities
 from tests.helpers.paths import REPO
 from tests.helpers.subprocesses import assert_ok, subprocess_environment

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from carbrand.checkpoint import load_training_checkpoint
-from carbrand.optimization import Schedule
+from carbrand.training.optimization import Schedule
 from tests.helpers.subprocesses import assert_ok, subprocess_environment
 from tests.helpers.training_runs import read_metrics, run_training
 

@@ -15,7 +15,7 @@ from torch import nn
 from carbrand.data.images import Normalizer
 from carbrand.data.preprocessing import eval_crop_box
 from carbrand.data.torch_loader import eval_transform
-from carbrand.gradcam import explain, heat_in_photo, overlay, target_layer
+from carbrand.inference.gradcam import explain, heat_in_photo, overlay, target_layer
 from tests.helpers.exports import make_export
 from tests.helpers.image_factory import photo
 
@@ -93,8 +93,8 @@ def test_heat_map_peak_lies_inside_the_evidence_patch_in_photo_pixels(patch_mode
 
 
 def test_explain_writes_overlays_and_a_bad_photo_is_one_line(tmp_path, cars5_dir, capsys):
-    from carbrand import explain as command
-    from carbrand import predict
+    from carbrand.inference import explain as command
+    from carbrand.inference import predict
 
     export = make_export(tmp_path / "run" / "best")
     good = sorted((cars5_dir / "test" / "audi").iterdir())[:2]

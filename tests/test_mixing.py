@@ -1,4 +1,4 @@
-"""Mixup and CutMix (carbrand/mixing.py): the draws, the mixed batch, the soft-target loss, the step."""
+"""Mixup and CutMix (carbrand/training/mixing.py): the draws, the mixed batch, the soft-target loss, the step."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from carbrand.config import TrainConfig
-from carbrand.mixing import NO_MIX, Mix, apply_mix, draw_mix, mixed_cross_entropy
 from carbrand.train import train_step
+from carbrand.training.mixing import NO_MIX, Mix, apply_mix, draw_mix, mixed_cross_entropy
 
 BOTH = dataclasses.replace(TrainConfig(), mixup_alpha=0.2, cutmix_alpha=1.0, mix_switch_prob=0.5, seed=11)
 

@@ -39,7 +39,7 @@ def photos(cars5_dir: Path, tmp_path: Path) -> dict[str, Path]:
 
 
 def predict_main(*args, capsys) -> tuple[int, str, str]:
-    from carbrand import predict
+    from carbrand.inference import predict
 
     code = predict.main([str(a) for a in args])
     captured = capsys.readouterr()
@@ -48,7 +48,7 @@ def predict_main(*args, capsys) -> tuple[int, str, str]:
 
 def test_command_predicts_the_good_files_and_reports_the_broken_ones(export, photos, tmp_path):
     missing = tmp_path / "missing.jpg"
-    command = [sys.executable, "-m", "carbrand.predict", "--checkpoint", export, photos["single"], photos["folder"], missing, "--topk", "3"]
+    command = [sys.executable, "-m", "carbrand.inference.predict", "--checkpoint", export, photos["single"], photos["folder"], missing, "--topk", "3"]
     result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=120,
                             env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert result.returncode == 1, result.stderr
@@ -107,7 +107,7 @@ def test_an_image_over_the_pixel_limit_is_refused_and_the_others_predicted(expor
 
 
 def test_python_api(export, photos):
-    from carbrand.predict import Predictor
+    from carbrand.inference.predict import Predictor
 
     predictor = Predictor.from_checkpoint(export, device="cpu")
     with Image.open(photos["single"]) as image:
@@ -136,7 +136,7 @@ def test_python_api(export, photos):
 def test_preprocessing_is_the_torchvision_eval_loaders(export, cars5_dir):
     from carbrand.data.manifest import Sample
     from carbrand.data.torch_loader import EvalDataset
-    from carbrand.predict import Predictor, load_image
+    from carbrand.inference.predict import Predictor, load_image
 
     predictor = Predictor.from_checkpoint(export, device="cpu")
     samples = [Sample(path=p, label=0, brand="audi") for p in sorted((cars5_dir / "test" / "audi").iterdir())[:3]]
@@ -151,7 +151,7 @@ def test_predictor_agrees_with_the_evaluator(export, photos, tmp_path, fresh_acc
     import csv
 
     from carbrand import evaluate
-    from carbrand.predict import Predictor
+    from carbrand.inference.predict import Predictor
 
     raw = tmp_path / "raw"
     for path in sorted(photos["folder"].rglob("car.jpg")):

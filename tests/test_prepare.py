@@ -9,6 +9,12 @@ import os
 from pathlib import Path
 
 import pytest
+
+from carbrand import cli
+from carbrand.data.manifest import load_prepared
+from carbrand.errors import DataError, UsageError
+from carbrand.prepare.command import prepare_dataset
+from carbrand.prepare.verify import Limits, VerifyTask, check_image
 from tests.helpers.image_factory import (
     photo,
     write_brand_tree,
@@ -20,12 +26,6 @@ from tests.helpers.image_factory import (
     write_truncated_jpeg,
     write_zero_bytes,
 )
-
-from carbrand import cli
-from carbrand.data.manifest import load_prepared
-from carbrand.errors import DataError, UsageError
-from carbrand.prepare.command import prepare_dataset
-from carbrand.prepare.verify import Limits, VerifyTask, check_image
 
 
 def prepare(source: Path, out: Path, **options):

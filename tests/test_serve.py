@@ -34,7 +34,7 @@ def assert_good_request_succeeds(client: ServiceClient, photo: Path) -> None:
 
 
 def test_predictions_are_the_predictors_own(cars5_server, photos, fitted_cars5_export):
-    from carbrand.predict import Predictor
+    from carbrand.inference.predict import Predictor
 
     client = cars5_server.client()
     answer = client.predict([part(p) for p in photos[:3]], topk=2)
@@ -146,8 +146,9 @@ def test_serve_refuses_bad_arguments_in_one_line(arguments, code, text, tmp_path
 
 
 def test_default_upload_limit_is_20_mb():
-    from carbrand.serve.command import add_arguments, settings_from_arguments
     import argparse
+
+    from carbrand.serve.command import add_arguments, settings_from_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -179,8 +180,8 @@ def decoded_data_uri(uri: str):
 def test_explain_answers_with_the_grad_cam_overlay_carbrand_explain_draws(cars5_server, photos, fitted_cars5_export):
     import numpy as np
 
-    from carbrand.gradcam import overlay
-    from carbrand.predict import Predictor
+    from carbrand.inference.gradcam import overlay
+    from carbrand.inference.predict import Predictor
     from carbrand.serve.explanations import OVERLAY_MAX_SIDE
 
     client = cars5_server.client()
@@ -202,8 +203,8 @@ def test_explain_answers_with_the_grad_cam_overlay_carbrand_explain_draws(cars5_
 def test_a_calibrated_export_is_served_calibrated_with_its_unknown_answer(fitted_cars5_export, prepared_cars5, photos, tmp_path):
     import shutil
 
-    from carbrand.calibrate import main as calibrate
-    from carbrand.predict import Predictor
+    from carbrand.evaluation.calibrate import main as calibrate
+    from carbrand.inference.predict import Predictor
     from tests.helpers.serving import serving
 
     best = tmp_path / "run" / "best"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from carbrand.predict import Predictor
+from carbrand.inference.predict import Predictor
 from tests.helpers.browser import headless_chromium
 
 ANSWER_TIMEOUT_S = 60

@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.helpers.image_factory import write_jpeg
-from tests.helpers.stanford_cars_devkit import STAND_IN_BOX, STAND_IN_SIZE, write_annotations, write_stand_in_devkit
 
 from carbrand.errors import DataError
 from carbrand.prepare.command import prepare_dataset
 from carbrand.prepare.sources import detect_format
 from carbrand.prepare.stanford_cars import make_of, read_annotations, read_class_names
+from tests.helpers.image_factory import write_jpeg
+from tests.helpers.stanford_cars_devkit import STAND_IN_BOX, STAND_IN_SIZE, write_annotations, write_stand_in_devkit
 
 
 def test_real_class_names_reduce_to_49_makes(devkit_dir):
@@ -195,7 +195,7 @@ def test_train_two_processes_then_evaluate_and_predict_on_the_sample(prepared_sa
     import subprocess
     import sys
 
-    from carbrand import predict
+    from carbrand.inference import predict
     from tests.helpers.subprocesses import assert_ok, subprocess_environment
     from tests.helpers.training_runs import read_metrics, run_training
 

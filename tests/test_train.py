@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from carbrand.calibration import load_calibration
 from carbrand.checkpoint import load_export_model, load_training_checkpoint
+from carbrand.inference.calibration import load_calibration
 from carbrand.model import build_model
 from tests.helpers.fault_runs import (
     TINY,
@@ -223,7 +223,7 @@ def test_ranks_end_bit_identical_and_best_reproduces_its_validation(prepared_car
     assert not different, f"{len(different)} tensors differ between the ranks, e.g. {different[:4]}"
 
     validations = [r for r in read_metrics(run_dir) if "val/accuracy" in r]
-    assert sorted({r["step"] for r in validations}) == [4, 8]  # (step 8 twice: at eval_every_steps and at the end)
+    assert sorted({r["step"] for r in validations}) == [4, 8]
     best = max(validations, key=lambda r: r["val/accuracy"])  # the first of equal scores: a new best must beat the old
     evaluation = subprocess.run([sys.executable, "-m", "carbrand.evaluate", "--checkpoint", str(run_dir / "best"),
                                  "--data", str(prepared_cars5), "--split", "val", "--out", str(tmp_path / "eval")],

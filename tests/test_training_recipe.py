@@ -58,6 +58,8 @@ class WatchedRun:
     steps: list[StepRecord] = field(default_factory=list)
     groups: list[dict] = field(default_factory=list)  # (names, weight_decay, part) of each optimizer group
     lr_after_last_step: list[float] = field(default_factory=list)
+    validated_at: list[int] = field(default_factory=list)  # the step of each validation, in order
+    saved_at: list[int] = field(default_factory=list)  # the step of each checkpoint write, in order
 
 
 def watch(monkeypatch: pytest.MonkeyPatch, watched: WatchedRun) -> None:
@@ -65,6 +67,7 @@ def watch(monkeypatch: pytest.MonkeyPatch, watched: WatchedRun) -> None:
     import carbrand.train as trainer
 
     build_model, finish_optimizer_step, validate = trainer.build_model, trainer.finish_optimizer_step, trainer.validate
+    save_checkpoint = trainer.save_checkpoint
 
     def recording_build_model(*args, **kwargs):
         model = build_model(*args, **kwargs)
@@ -92,11 +95,17 @@ def watch(monkeypatch: pytest.MonkeyPatch, watched: WatchedRun) -> None:
     def scripted_validate(run) -> dict:
         summary = validate(run)  # the real validation runs; only its scores are replaced
         step = run.progress.step
+        watched.validated_at.append(step)
         return summary | {"macro_f1": MACRO_F1[step], "accuracy": ACCURACY[step]}
+
+    def recording_save(run) -> None:
+        watched.saved_at.append(run.progress.step)
+        save_checkpoint(run)
 
     monkeypatch.setattr(trainer, "build_model", recording_build_model)
     monkeypatch.setattr(trainer, "finish_optimizer_step", recording_step)
     monkeypatch.setattr(trainer, "validate", scripted_validate)
+    monkeypatch.setattr(trainer, "save_checkpoint", recording_save)
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +142,7 @@ def watched_run(prepared_cars5, tmp_path_factory, one_torch_thread) -> WatchedRu
 def test_best_holds_the_best_validation_step_by_best_metric_not_the_last(watched_run):
     run_dir = watched_run.run_dir
     validations = [r for r in read_metrics(run_dir) if "val/macro_f1" in r]
-    # eval_every_steps=4 on the CPU; the last step is validated again at the end of its epoch
-    assert [r["step"] for r in validations] == [4, 8, 12, 16, 16]
+    assert [r["step"] for r in validations] == [4, 8, 12, 16]  # eval_every_steps=4 on the CPU
     best = load_file(str(run_dir / "best" / "model.safetensors"))
     # train.ema_decay > 0: validation scores the EMA weights, and best/ exports them
     ema_at = {step: load_file(str(run_dir / "checkpoints" / f"step_{step}" / "ema.safetensors")) for step in (8, 12, 16)}
@@ -144,6 +152,13 @@ def test_best_holds_the_best_validation_step_by_best_metric_not_the_last(watched
     for other, why in ((16, "the last step"), (8, "the best accuracy, not train.best_metric")):
         assert not torch.equal(best["fc.weight"], ema_at[other]["fc.weight"]), f"best/ holds {why}"
     assert not torch.equal(best["fc.weight"], live_at_12["fc.weight"]), "best/ holds the live weights, not the EMA"
+
+
+def test_each_step_is_validated_and_saved_once_where_the_periods_meet_the_epoch_and_run_ends(watched_run):
+    """eval_every_steps=4 divides the 16 steps, and checkpoint_every_steps=4 divides each epoch's last step (8, 16):
+    the epoch end, which validates the last step and saves every epoch's last one, does not repeat the periodic ones."""
+    assert watched_run.validated_at == [4, 8, 12, 16]
+    assert watched_run.saved_at == [4, 8, 12, 16]
 
 
 def test_keep_checkpoints_keeps_the_newest(watched_run):
@@ -219,8 +234,8 @@ def step_once(tmp_path, model_state, images, labels, micro_batches: int, clip: f
 
     from carbrand.config import load_config
     from carbrand.model import build_model
-    from carbrand.optimization import build_optimizer
     from carbrand.train import make_accelerator, train_step
+    from carbrand.training.optimization import build_optimizer
 
     config = load_config(CPU_RECIPE, [f"output.dir={tmp_path / 'unused'}",
                                       f"train.grad_accum_steps={micro_batches}", f"optim.grad_clip_norm={clip}",
@@ -287,7 +302,7 @@ def test_best_metric_last_exports_the_final_weights_whatever_val_says(prepared_c
             assert trainer.train(config) == 0
         finally:
             AcceleratorState._reset_state(True)
-    assert [r["val/accuracy"] for r in read_metrics(run_dir) if "val/accuracy" in r] == [0.9, 0.6, 0.3, 0.1, 0.1]
+    assert [r["val/accuracy"] for r in read_metrics(run_dir) if "val/accuracy" in r] == [0.9, 0.6, 0.3, 0.1]
     best = load_file(str(run_dir / "best" / "model.safetensors"))
     final = load_file(str(run_dir / "checkpoints" / "step_16" / "model.safetensors"))
     assert sorted(best) == sorted(final) and all(torch.equal(best[k], final[k]) for k in best), \

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO
 
 from carbrand.bench.train_worker import die_with_bench
-from carbrand.data.augment_policies import AUGMENT_POLICIES
+from carbrand.config import AUGMENT_POLICIES
 from carbrand.errors import CarbrandError, UsageError
 
 # What `--mix` names: the mixing settings of one sweep arm. "on" is timm's usual pair at a

@@ -17,6 +17,8 @@ batch of an epoch, and the pipelines built (carbrand/bench/epoch_latency.py).
 from __future__ import annotations
 
 import dataclasses
+import os
+import platform
 import statistics
 import sys
 from collections.abc import Iterator
@@ -25,14 +27,13 @@ from pathlib import Path
 import torch
 
 from carbrand.bench.epoch_latency import LATENCY_KEYS, MIN_EPOCHS, time_epochs
-from carbrand.bench.photo_set import build_photo_set, describe
+from carbrand.bench.photo_set import build_photo_set, describe, parse_photo_size
 from carbrand.bench.timing import now
-from carbrand.config import DataConfig
-from carbrand.data.augment_policies import AUGMENT_POLICIES
+from carbrand.config import AUGMENT_POLICIES, PRECISIONS, DataConfig
 from carbrand.data.loaders import Backend, build_eval_loader, build_train_loader, dali_available
 from carbrand.data.manifest import load_prepared
 from carbrand.errors import UsageError
-from carbrand.precision import PRECISIONS, input_dtype
+from carbrand.precision import input_dtype
 
 BACKENDS = {"dali-gpu": Backend("dali", "gpu"), "dali-cpu": Backend("dali", "cpu"), "torchvision": Backend("torchvision", "cpu")}
 PIPELINES = ("train", "eval")
@@ -179,15 +180,11 @@ def ratios(results: list[dict]) -> list[dict]:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import os
-    import platform
 
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)"
 
 
 def add_arguments(parser) -> None:
-    from carbrand.bench.photo_set import parse_photo_size
-
     parser.add_argument("--manifest", required=True, help="prepared dataset directory (carbrand prepare --out)")
     parser.add_argument("--split", default="train", help="which split's images to read (default train)")
     parser.add_argument("--backends", default=None,

@@ -22,9 +22,9 @@ from PIL import Image, ImageOps
 
 from carbrand.data.images import load_rgb
 from carbrand.data.manifest import load_prepared
+from carbrand.errors import UsageError
 from carbrand.prepare.manifest_writer import write_prepared
 from carbrand.prepare.verify import default_workers
-from carbrand.errors import UsageError
 
 JPEG_QUALITY = 90
 

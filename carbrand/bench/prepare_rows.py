@@ -17,7 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from carbrand.bench.duplicate_search import peak_resident_kb, planted_hashes
 from carbrand.errors import UsageError
+from carbrand.prepare.command import _samples
+from carbrand.prepare.duplicates import duplicate_groups
+from carbrand.prepare.formats import SourceItem
+from carbrand.prepare.manifest_writer import write_prepared
+from carbrand.prepare.splits import assign_splits
+from carbrand.prepare.verify import ImageCheck, VerifyTask
 
 BRANDS = 49
 
@@ -36,14 +43,6 @@ def run_prepare_rows_benchmark(args: argparse.Namespace) -> dict:
 
 
 def measure(rows: int) -> dict:
-    from carbrand.bench.duplicate_search import peak_resident_kb, planted_hashes
-    from carbrand.prepare.command import _samples
-    from carbrand.prepare.duplicates import duplicate_groups
-    from carbrand.prepare.formats import SourceItem
-    from carbrand.prepare.manifest_writer import write_prepared
-    from carbrand.prepare.splits import assign_splits
-    from carbrand.prepare.verify import ImageCheck, VerifyTask
-
     started = time.perf_counter()
     root = Path("/data/photos")
     hashes, _ = planted_hashes(rows, 4, 0.0, seed=0)

@@ -33,9 +33,8 @@ import torch
 
 from carbrand.bench.data_throughput import device_name
 from carbrand.bench.train_worker import RESULT_PREFIX
-from carbrand.config import load_config
+from carbrand.config import PRECISIONS, load_config
 from carbrand.errors import CarbrandError, UsageError
-from carbrand.precision import PRECISIONS
 
 ON_OFF = {"on": True, "off": False}
 GRACE_SECONDS = 5.0  # a worker asked to stop (SIGTERM) gets this long before SIGKILL: it holds the GPU

@@ -33,8 +33,8 @@ from carbrand.config import Config, load_config
 from carbrand.data.manifest import load_prepared
 from carbrand.data.memory_loader import random_batch
 from carbrand.model import build_model
-from carbrand.optimization import build_optimizer, peak_learning_rate
 from carbrand.precision import autocast, input_dtype
+from carbrand.training.optimization import build_optimizer, peak_learning_rate
 
 RESULT_PREFIX = "CARBRAND_BENCH_RESULT "
 

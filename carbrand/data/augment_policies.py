@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-AUGMENT_POLICIES = ("none", "trivial", "randaugment", "autoaugment")
 MAGNITUDE_BINS = 31  # torchvision's and DALI's default for TrivialAugment-Wide and RandAugment
 TRANSLATE_FRACTION = 150 / 331  # RandAugment / AutoAugment: torchvision's largest shift, a fraction of the side
 FILL_GREY = 128  # what uncovered corners of a rotated or sheared image show; DALI's default fill

@@ -24,6 +24,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from carbrand.config import DataConfig
 from carbrand.data.dali_augment import apply_augment_policy
 from carbrand.data.images import check_pixel_limits
+from carbrand.data.loader_base import EvalLoader, TrainLoader
 from carbrand.data.manifest import Sample
 from carbrand.data.preprocessing import (
     IMAGENET_MEAN_255,
@@ -32,7 +33,6 @@ from carbrand.data.preprocessing import (
     TRAIN_CROP_ATTEMPTS,
     eval_crop_side_fraction,
 )
-from carbrand.data.loader_base import EvalLoader, TrainLoader
 from carbrand.data.sharding import augmentation_seed
 
 READER = "Reader"  # the iterator finds the shard size through the reader's name

@@ -24,6 +24,8 @@ import torch
 from carbrand.config import DataConfig
 from carbrand.data.loader_base import EvalLoader, TrainLoader
 from carbrand.data.manifest import Sample
+from carbrand.data.memory_loader import MemoryEvalLoader, MemoryTrainLoader
+from carbrand.data.torch_loader import TorchEvalLoader, TorchTrainLoader
 from carbrand.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -87,15 +89,11 @@ def build_train_loader(data: DataConfig, samples: Sequence[Sample], *, backend: 
                        seed: int, device: torch.device, dtype: torch.dtype, channels_last: bool) -> TrainLoader:
     options = dict(rank=rank, world_size=world_size, seed=seed, device=device, dtype=dtype, channels_last=channels_last)
     if backend.loader == "memory":
-        from carbrand.data.memory_loader import MemoryTrainLoader
-
         return MemoryTrainLoader(data, samples, **options)
     if backend.loader == "dali":
-        from carbrand.data.dali_pipelines import DaliTrainLoader
+        from carbrand.data.dali_pipelines import DaliTrainLoader  # DALI is an optional extra: imported only when used
 
         return DaliTrainLoader(data, samples, gpu=backend.decode == "gpu", **options)
-    from carbrand.data.torch_loader import TorchTrainLoader
-
     return TorchTrainLoader(data, samples, **options)
 
 
@@ -103,13 +101,9 @@ def build_eval_loader(data: DataConfig, samples: Sequence[Sample], *, backend: B
                       device: torch.device, dtype: torch.dtype, channels_last: bool) -> EvalLoader:
     options = dict(rank=rank, world_size=world_size, device=device, dtype=dtype, channels_last=channels_last)
     if backend.loader == "memory":
-        from carbrand.data.memory_loader import MemoryEvalLoader
-
         return MemoryEvalLoader(data, samples, **options)
     if backend.loader == "dali":
-        from carbrand.data.dali_pipelines import DaliEvalLoader
+        from carbrand.data.dali_pipelines import DaliEvalLoader  # DALI is an optional extra: imported only when used
 
         return DaliEvalLoader(data, samples, gpu=backend.decode == "gpu", **options)
-    from carbrand.data.torch_loader import TorchEvalLoader
-
     return TorchEvalLoader(data, samples, **options)

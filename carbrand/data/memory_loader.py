@@ -14,8 +14,8 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from carbrand.config import DataConfig
-from carbrand.data.manifest import Sample
 from carbrand.data.loader_base import EvalLoader, TrainLoader
+from carbrand.data.manifest import Sample
 
 
 def random_batch(batch_size: int, image_size: int, *, seed: int, device: torch.device, dtype: torch.dtype,

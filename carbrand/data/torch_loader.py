@@ -23,9 +23,9 @@ from torchvision.transforms.v2 import functional as F
 
 from carbrand.config import DataConfig
 from carbrand.data.augment_policies import apply_seeded, torchvision_augment
-from carbrand.data.manifest import Sample
 from carbrand.data.images import Normalizer, hwc_tensor, load_rgb
 from carbrand.data.loader_base import EvalLoader, TrainLoader
+from carbrand.data.manifest import Sample
 from carbrand.data.preprocessing import TRAIN_ASPECT_RATIO, TRAIN_CROP_ATTEMPTS, eval_crop_box
 from carbrand.errors import CarbrandError
 

@@ -15,7 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from carbrand.demo.synthetic import make_demo_dataset
 from carbrand.errors import CarbrandError
+from carbrand.inference.predict import Predictor
+from carbrand.prepare.command import prepare_dataset
 
 REPO = Path(__file__).resolve().parents[2]  # carbrand/demo/command.py -> the repository
 DEMO_RECIPE = REPO / "configs" / "demo.yaml"
@@ -30,10 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from carbrand.demo.synthetic import make_demo_dataset
-    from carbrand.prepare.command import prepare_dataset
-    from carbrand.predict import Predictor
-
     if not DEMO_RECIPE.is_file():
         raise CarbrandError(f"{DEMO_RECIPE} is missing: run the demo from a clone of the repository (pip install -e .)")
     out = args.out.resolve()

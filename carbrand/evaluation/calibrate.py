@@ -1,7 +1,7 @@
 """Fit the temperature and the "unknown" threshold of an export on a validation split (calibration.json).
 
     carbrand calibrate --checkpoint runs/cars/best --data prepared/cars                 # the val split
-    accelerate launch -m carbrand.calibrate --checkpoint runs/cars/best --data prepared/cars
+    accelerate launch -m carbrand.evaluation.calibrate --checkpoint runs/cars/best --data prepared/cars
     carbrand calibrate --checkpoint runs/cars/best --data prepared/cars --split test --keep-share 0.9
 
 Training does the same when it ends (best/ and the val split). Each process predicts its shard
@@ -20,10 +20,17 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
 
-from carbrand.calibration import KEEP_KNOWN_SHARE, Calibration, fit_calibration, save_calibration
+from carbrand.checkpoint import load_export, load_export_model
+from carbrand.command_line import run_command_module
+from carbrand.data.loaders import build_eval_loader, resolve_backend
+from carbrand.data.manifest import load_prepared
 from carbrand.errors import DataError, UsageError
-from carbrand.inference import classify
+from carbrand.inference.calibration import KEEP_KNOWN_SHARE, Calibration, fit_calibration, save_calibration
+from carbrand.inference.classifier import classify, place_model, resolve_precision
+from carbrand.precision import input_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +44,6 @@ def gathered_logits(accelerator, model, loader, label_map: torch.Tensor, precisi
 
     `label_map[data_label]` is the model's label of a data label (-1: a brand the model does not know).
     """
-    from accelerate.utils import gather_object
 
     indices, logits, labels = [], [], []
     for images, batch_labels, sample_indices in loader:
@@ -59,7 +65,6 @@ def gathered_logits(accelerator, model, loader, label_map: torch.Tensor, precisi
 def calibrate_on_ranks(accelerator, model, loader, label_map: torch.Tensor, precision: str,
                        keep_share: float = KEEP_KNOWN_SHARE, split: str = "val") -> AgreedCalibration:
     """Every rank fits on the same gathered logits; the main process's fit is the one every rank returns."""
-    from accelerate.utils import broadcast_object_list, gather_object
 
     logits, labels = gathered_logits(accelerator, model, loader, label_map, precision)
     if len(labels) == 0:
@@ -74,8 +79,6 @@ def calibrate_on_ranks(accelerator, model, loader, label_map: torch.Tensor, prec
 def calibrate_export(accelerator, export_dir: Path, loader, label_map: torch.Tensor, precision: str,
                      keep_share: float = KEEP_KNOWN_SHARE, split: str = "val") -> AgreedCalibration:
     """Load the export on every rank, fit on `loader`'s split, write EXPORT/calibration.json (main process)."""
-    from carbrand.checkpoint import load_export_model
-    from carbrand.inference import place_model
 
     accelerator.wait_for_everyone()  # the main process has finished writing the export
     model, export = load_export_model(export_dir)
@@ -89,7 +92,6 @@ def calibrate_export(accelerator, export_dir: Path, loader, label_map: torch.Ten
 
 def calibrate_run(run) -> AgreedCalibration | None:
     """The end of training (every rank): fit best/ on the val split, log the figures; None without val or best/."""
-    from carbrand.inference import resolve_precision
 
     export_dir = run.run_dir / "best"
     if run.val_loader is None or not export_dir.is_dir():
@@ -131,14 +133,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import Accelerator
-
-    from carbrand.checkpoint import load_export
-    from carbrand.data.loaders import build_eval_loader, resolve_backend
-    from carbrand.data.manifest import load_prepared
-    from carbrand.inference import resolve_precision
-    from carbrand.precision import input_dtype
-
     if not 0 < args.keep_share <= 1:
         raise UsageError(f"--keep-share must be in (0, 1]; got {args.keep_share}")
     export = load_export(args.checkpoint)
@@ -167,9 +161,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from carbrand.cli import run_command
-
-    return run_command("calibrate", argv)
+    return run_command_module("calibrate", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from carbrand import metrics as M
-from carbrand.calibration import ECE_BINS
+from carbrand.inference.calibration import ECE_BINS
 
 
 def _tensor(values) -> torch.Tensor:

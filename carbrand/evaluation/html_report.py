@@ -19,6 +19,11 @@ from typing import Any
 
 from PIL import Image
 
+from carbrand.data.images import load_rgb
+from carbrand.inference.gradcam import Explanation, overlay
+
+Explainer = Callable[[Image.Image, int], Explanation]  # (photo, brand label) -> its Grad-CAM
+
 THUMBNAIL_SIDE = 220
 MOST_CONFUSED = 10
 
@@ -49,14 +54,12 @@ def jpeg(image: Image.Image, quality: int = 85) -> bytes:
 
 
 def build_gallery(mistakes: list, classes: list[str], per_brand: int,
-                  explain: Callable[[Image.Image, int], Any] | None) -> list[GalleryBrand]:
+                  explain: Explainer | None) -> list[GalleryBrand]:
     """Each true brand's most confident mistakes (ScoredSample, the most confident first), with thumbnails and
     Grad-CAM overlays.
 
     `explain(photo, label)` returns a gradcam.Explanation (None: thumbnails only).
     """
-    from carbrand.data.images import load_rgb
-    from carbrand.gradcam import overlay
 
     by_brand: dict[str, list] = {}
     for sample in mistakes:

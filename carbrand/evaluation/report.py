@@ -31,6 +31,8 @@ import torch
 
 from carbrand import metrics as M
 from carbrand.errors import CarbrandError
+from carbrand.evaluation.calibration_report import format_summary_lines, plot_reliability
+from carbrand.evaluation.html_report import wandb_gallery_rows, write_report
 from carbrand.filesystem import write_directory_atomically
 
 ECE_BINS = 15
@@ -136,8 +138,6 @@ def mistakes(scored: list[ScoredSample]) -> list[ScoredSample]:
 def write_outputs(out: Path, metrics: dict[str, Any], scored: list[ScoredSample], classes: list[str],
                   gallery: list | None = None) -> Path:
     """Write every output file into `out` atomically (temporary directory, then rename)."""
-    from carbrand.calibration_report import plot_reliability
-    from carbrand.html_report import write_report
 
     check_output_directory(out)
 
@@ -155,6 +155,13 @@ def write_outputs(out: Path, metrics: dict[str, Any], scored: list[ScoredSample]
         write_report(into / "report.html", metrics, into, gallery or [])
 
     return write_directory_atomically(out, write)  # removes its temporary on any failure
+
+
+def default_out_dir(checkpoint: Path, split: str) -> Path:
+    """RUN/eval_<split> for RUN/best, else <checkpoint>/../eval_<name>_<split>."""
+    checkpoint = checkpoint.resolve()
+    name = f"eval_{split}" if checkpoint.name == "best" else f"eval_{checkpoint.name}_{split}"
+    return checkpoint.parent / name
 
 
 def check_output_directory(out: Path) -> None:
@@ -276,8 +283,6 @@ def format_summary(metrics: dict[str, Any]) -> str:
             called = ", ".join(f"{name} {count}" for name, count in entry["predicted"].items())
             lines.append(f"not scored: {entry['samples']} images of brand '{brand}' the model does not know (predicted as: {called})")
     if "temperature" in metrics:
-        from carbrand.calibration_report import format_summary_lines
-
         lines += format_summary_lines(metrics)
     if metrics.get("model_brands_not_in_data"):
         lines.append(f"model brands absent from this split: {', '.join(metrics['model_brands_not_in_data'])}")
@@ -303,7 +308,5 @@ def log_to_wandb(tracker, metrics: dict[str, Any], out: Path, scored: list[Score
             for s in mistakes(scored)[:WORST_MISTAKES]]
     tracker.log_table("eval/worst_mistakes", ["image", "path", "true_brand", "predicted_brand", "confidence", "true_brand_probability"], rows)
     if gallery:
-        from carbrand.html_report import wandb_gallery_rows
-
         tracker.log_table("eval/gallery", ["photo", "grad_cam", "path", "true_brand", "predicted_brand", "confidence",
                                            "calibrated_confidence"], wandb_gallery_rows(gallery))

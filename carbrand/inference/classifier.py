@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from carbrand.config import PRECISIONS as TRAINING_PRECISIONS
 from carbrand.errors import UsageError
-from carbrand.precision import PRECISIONS as TRAINING_PRECISIONS
 from carbrand.precision import autocast
 
 PRECISIONS = ("auto", *TRAINING_PRECISIONS)

@@ -5,7 +5,7 @@
 
 For each photo, OUT/<name>.gradcam.png (<name>-2.gradcam.png, ... when names repeat): the photo
 with the heat map over the part the model sees (the eval centre crop, outlined), the rest
-dimmed. The map is computed in the eval preprocessing's geometry (see carbrand/gradcam.py).
+dimmed. The map is computed in the eval preprocessing's geometry (see carbrand/inference/gradcam.py).
 A photo that cannot be read is one error line naming it; the others still get their
 overlays, and the exit code is 1.
 """
@@ -16,7 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from carbrand.command_line import run_command_module
 from carbrand.errors import UsageError
+from carbrand.inference.overlays import write_overlays
+from carbrand.inference.predict import Predictor, image_files
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,9 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from carbrand.overlays import write_overlays
-    from carbrand.predict import Predictor, image_files
-
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, precision="no")
     if args.brand is not None and args.brand not in predictor.classes:
         raise UsageError(f"--brand {args.brand!r} is not a brand this model knows ({', '.join(predictor.classes)})")
@@ -45,9 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from carbrand.cli import run_command
-
-    return run_command("explain", argv)
+    return run_command_module("explain", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -20,16 +20,18 @@ import contextlib
 import io
 import json
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-from carbrand.calibration import CALIBRATION_FILE  # written into best/ by training or `carbrand calibrate`, copied as is
 from carbrand.checkpoint import load_export_model
+from carbrand.command_line import run_command_module
 from carbrand.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
 from carbrand.errors import CarbrandError, UsageError, first_line
 from carbrand.filesystem import write_directory_atomically
+from carbrand.inference.calibration import CALIBRATION_FILE  # written into best/ by training or `carbrand calibrate`, copied as is
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 CONTRACT_FILE = "contract.json"
@@ -139,12 +141,8 @@ def input_contract(export, format: str, has_calibration: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from carbrand.cli import run_command
-
-    return run_command("export", argv)
+    return run_command_module("export", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

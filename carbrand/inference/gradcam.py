@@ -1,6 +1,6 @@
 """Grad-CAM (Selvaraju et al., 2017): which part of a photo made the model answer a brand.
 
-    from carbrand.gradcam import explain, overlay, png_bytes
+    from carbrand.inference.gradcam import explain, overlay, png_bytes
     explanation = explain(model, photo, image_size=224, crop_fraction=0.875)       # top-1 brand
     png_bytes(overlay(photo, explanation))                                         # heat map on the photo
 

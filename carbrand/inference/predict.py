@@ -3,9 +3,9 @@
     carbrand predict --checkpoint runs/cars/best photo.jpg                # photo.jpg: audi 0.91, bmw 0.05, mercedes 0.02
     carbrand predict --checkpoint runs/cars/best photos/ --topk 5         # folders are scanned recursively
     carbrand predict --checkpoint runs/cars/best photos/ --json > out.json
-    python -m carbrand.predict --checkpoint runs/cars/best photo.jpg
+    python -m carbrand.inference.predict --checkpoint runs/cars/best photo.jpg
 
-    from carbrand.predict import Predictor
+    from carbrand.inference.predict import Predictor
     predictor = Predictor.from_checkpoint("runs/cars/best")
     best = predictor.predict(["photo.jpg"], topk=3)[0]    # best.brand, best.probability, best.topk
     carbrand predict --checkpoint runs/cars/best photo.jpg --min-confidence auto   # "unknown" below the stored threshold
@@ -35,16 +35,18 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from carbrand.calibration import Calibration, calibrated_probabilities, load_calibration, resolve_min_confidence
 from carbrand.checkpoint import load_export_model
+from carbrand.command_line import run_command_module
 from carbrand.config import Config
 from carbrand.data.images import Normalizer, load_rgb, upright_rgb
-from carbrand.prepare.formats import IMAGE_EXTENSIONS
 from carbrand.data.torch_loader import eval_transform
 from carbrand.errors import DataError, UsageError
 from carbrand.filesystem import write_bytes_atomically
-from carbrand.gradcam import Explanation, explain, overlay, png_bytes
-from carbrand.inference import PRECISIONS, classify, place_model, resolve_precision
+from carbrand.inference.calibration import Calibration, calibrated_probabilities, load_calibration, resolve_min_confidence
+from carbrand.inference.classifier import PRECISIONS, classify, place_model, resolve_precision
+from carbrand.inference.gradcam import Explanation, explain, overlay, png_bytes
+from carbrand.inference.overlays import write_overlays
+from carbrand.prepare.formats import IMAGE_EXTENSIONS
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -182,7 +184,7 @@ class Predictor:
                               label=label, channels_last=self.channels_last)
 
     def write_overlay(self, item, out_path: Path, brand: str | None = None) -> Explanation:
-        """Grad-CAM overlay PNG of one photo (see carbrand.gradcam) at `out_path`."""
+        """Grad-CAM overlay PNG of one photo (see carbrand.inference.gradcam) at `out_path`."""
         photo, explanation = self.explain(item, brand)
         write_bytes_atomically(out_path, png_bytes(overlay(photo, explanation)))
         return explanation
@@ -238,8 +240,6 @@ def run(args: argparse.Namespace) -> int:
             errors.append({"path": str(path), "error": str(error).removeprefix(f"{path}: ")})
     predictions = predictor.predict_crops(crops, sources, topk=args.topk, batch_size=args.batch_size)
     if args.explain is not None:
-        from carbrand.overlays import write_overlays
-
         overlays, failed = write_overlays(predictor, [Path(s) for s in sources], args.explain)
         for prediction, overlay_path in zip(predictions, overlays):
             prediction.overlay = overlay_path
@@ -259,9 +259,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from carbrand.cli import run_command
-
-    return run_command("predict", argv)
+    return run_command_module("predict", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

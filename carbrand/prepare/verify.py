@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import imagehash
+from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
+from carbrand.data.images import upright_rgb
 from carbrand.data.preprocessing import MAX_PIXELS as DEFAULT_MAX_PIXELS  # the one pixel limit, shared with the loaders
 from carbrand.prepare.verify_cache import CacheKey, VerifyCache, cache_key, crop_file_size
 
@@ -76,11 +79,6 @@ def check_image(task: VerifyTask, limits: Limits) -> ImageCheck:
 
 
 def _decode(task: VerifyTask, data: bytes, sha1: str, limits: Limits) -> ImageCheck:
-    import imagehash
-    from PIL import Image, ImageFile, UnidentifiedImageError
-
-    from carbrand.data.images import upright_rgb
-
     # Strict decoding (Pillow's default, asserted because another module may have relaxed it
     # in this worker's parent): a cut-off JPEG must be rejected, not padded with grey.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -137,8 +135,6 @@ def crop_region(size: tuple[int, int], box: tuple[int, int, int, int]) -> tuple[
 
 
 def _write_crop(image, region: tuple[int, int, int, int], task: VerifyTask) -> tuple[int, int]:
-    from carbrand.data.images import upright_rgb
-
     # Boxes were drawn on the stored pixels, so crop before applying the EXIF orientation.
     crop = upright_rgb(image.crop(region))
     task.crop_path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,10 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from carbrand.calibration import CALIBRATION_FILE
+from carbrand.config import config_from_dict, safe_yaml_load
+from carbrand.evaluation.report import default_out_dir
+from carbrand.inference.calibration import CALIBRATION_FILE
+from carbrand.inference.predict import Predictor
 from carbrand.serve.batching import InferenceBatcher, InferenceTimeout, ServiceBusy
 from carbrand.serve.decoding import decode_photos
 from carbrand.serve.explanations import overlay_data_uris
@@ -39,7 +42,6 @@ TEST_METRICS_KEYS = ("split", "samples", "accuracy", "top_k", "top_k_accuracy", 
 
 def app_from_environment() -> FastAPI:
     """uvicorn's factory (`carbrand serve` names it): each worker process loads the model once, here."""
-    from carbrand.predict import Predictor
 
     settings = settings_from_environment()
     # A calibrated export answers "unknown" below its stored threshold, as `predict --min-confidence auto` does.
@@ -168,7 +170,6 @@ def model_description(settings: ServeSettings, predictor) -> dict:
 
 def predictor_architecture(checkpoint: Path) -> str:
     """From config.yaml alone (Predictor.from_checkpoint has already checked the whole export)."""
-    from carbrand.config import config_from_dict, safe_yaml_load
 
     return config_from_dict(safe_yaml_load((checkpoint / "config.yaml").read_text()) or {}).model.arch
 
@@ -183,7 +184,6 @@ def calibration(checkpoint: Path) -> dict | None:
 
 def test_metrics(checkpoint: Path) -> dict | None:
     """The evaluator's test metrics of this export (RUN/eval_test/metrics.json, its default output), if it ran."""
-    from carbrand.evaluate import default_out_dir
 
     path = default_out_dir(checkpoint, "test") / "metrics.json"
     try:

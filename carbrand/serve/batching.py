@@ -41,7 +41,7 @@ class InferenceTimeout(Exception):
 
 @dataclass
 class BatchResult:
-    predictions: list  # carbrand.predict.Prediction, one per crop, in order
+    predictions: list  # carbrand.inference.predict.Prediction, one per crop, in order
     batch_images: int  # images in the forward pass this request shared
 
 

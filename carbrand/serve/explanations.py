@@ -9,7 +9,7 @@ import base64
 
 from PIL import Image
 
-from carbrand.gradcam import overlay, png_bytes
+from carbrand.inference.gradcam import overlay, png_bytes
 
 OVERLAY_MAX_SIDE = 512  # enough for a web page; keeps the JSON answer small
 

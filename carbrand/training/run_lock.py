@@ -30,6 +30,9 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from accelerate.utils import broadcast_object_list
+
+from carbrand.checkpoint import find_resume_checkpoint
 from carbrand.errors import CarbrandError
 
 LOCK_FILE = "train.lock"
@@ -226,9 +229,6 @@ def lock_run_dir(accelerator, lock: RunDirLock, resume: str, resumed_from: Path 
     complete checkpoint: a newer one means the stale lock's owner was still saving while we
     picked; resuming from the older one would silently drop its steps.
     """
-    from accelerate.utils import broadcast_object_list
-
-    from carbrand.checkpoint import find_resume_checkpoint
 
     answer: list = [None]
     if accelerator.is_main_process:

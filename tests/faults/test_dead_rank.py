@@ -1,7 +1,7 @@
 """A rank dies (SIGKILL) or freezes (SIGSTOP) in a 2-process gloo run: the other fails fast, naming it.
 
 Never longer than `train.collective_timeout_s` plus the few seconds it takes to tell which
-peer went silent (carbrand/heartbeat.py). The tests check the messages and their order; the
+peer went silent (carbrand/training/heartbeat.py). The tests check the messages and their order; the
 time limits are generous (a loaded 2-core CI machine stretches every second of it), there only
 to fail a run that would hang.
 """

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from carbrand.checkpoint import find_resume_checkpoint, load_training_checkpoint, step_checkpoints
-from carbrand.preemption import ECHO_SECONDS
+from carbrand.training.preemption import ECHO_SECONDS
 from tests.helpers.fault_runs import TINY, complete_checkpoints, logged_steps, start_ranks, start_training, wait_until
 from tests.helpers.paths import HELPERS
 from tests.helpers.stall_during_save import STALLED_LINE

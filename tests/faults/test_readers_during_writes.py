@@ -15,7 +15,6 @@ import pytest
 from tests.helpers.fault_runs import start, start_training
 from tests.helpers.paths import REPO
 
-
 STEPS = 8
 
 

@@ -1,4 +1,4 @@
-"""One writer per run directory (carbrand/run_lock.py): a second training stops before it writes anything,
+"""One writer per run directory (carbrand/training/run_lock.py): a second training stops before it writes anything,
 a lock left by a dead process or by the same SLURM job before its requeue is taken over, one from another
 host only with --force-unlock; two processes taking over a stale lock at once cannot both win.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from carbrand.run_lock import LOCK_FILE, LockHolder, RunDirLock, RunDirLocked, process_start_ticks
+from carbrand.training.run_lock import LOCK_FILE, LockHolder, RunDirLock, RunDirLocked, process_start_ticks
 from tests.helpers.fault_runs import error_line, logged_steps, start_training, tree, wait_until
 from tests.helpers.paths import REPO
 from tests.helpers.subprocesses import subprocess_environment
@@ -133,7 +133,7 @@ def test_lock_rules_against_live_dead_foreign_and_requeued_holders(tmp_path, liv
 RACER = """
 import sys, time
 from pathlib import Path
-from carbrand.run_lock import RunDirLock, RunDirLocked
+from carbrand.training.run_lock import RunDirLock, RunDirLocked
 lock = RunDirLock(Path(sys.argv[1]))
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all try at once
 try:

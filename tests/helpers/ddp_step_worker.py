@@ -22,8 +22,8 @@ from torchvision.transforms import functional as TF
 from carbrand.checkpoint import plain_state_dict
 from carbrand.config import OptimConfig
 from carbrand.model import build_model
-from carbrand.optimization import build_optimizer
 from carbrand.train import train_step
+from carbrand.training.optimization import build_optimizer
 from tests.helpers.paths import SHARED_DATA
 
 GLOBAL_BATCH = 8

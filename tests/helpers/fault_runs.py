@@ -134,7 +134,8 @@ def worker_ranks(launcher: Run, world_size: int, timeout: float = 120) -> dict[i
         for child in psutil.Process(launcher.process.pid).children(recursive=True):
             try:
                 rank = child.environ().get("RANK")
-                if rank is not None and "train.py" in " ".join(child.cmdline()):
+                # carbrand/train.py re-runs itself as `-m carbrand.train` (same process); test wrappers end in train.py
+                if rank is not None and any(part.endswith("train.py") or part == "carbrand.train" for part in child.cmdline()):
                     workers[int(rank)] = child
             except psutil.Error:
                 continue

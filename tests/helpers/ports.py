@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import socket
 
-
 # A rendezvous that lost its port says so in one of these (torch's TCPStore, Python's socket errors).
 PORT_TAKEN_MESSAGES = ("EADDRINUSE", "address already in use")
 
