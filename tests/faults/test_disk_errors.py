@@ -42,11 +42,12 @@ def test_unwritable_run_dir_fails_before_training(kind, prepared_cars5, tmp_path
 
 @pytest.mark.slow
 def test_write_failing_mid_run_is_one_line_and_keeps_the_previous_checkpoint(prepared_cars5, tmp_path):
-    """step_2 is written; then files may not grow past 2 MB, so step_4's write fails (EFBIG, as on a full quota)."""
+    """step_2 is written; then files may not grow past 2 MB, so step_4's write fails (EFBIG, as on a full quota).
+    Step 4 is not the run's last: there, validation and best/ come before the checkpoint, which then records them."""
     run_dir = tmp_path / "run"
     wrapper = [sys.executable, str(HELPERS / "disk_full_after_save.py"), "2", "2000000"]
-    run = start_training(prepared_cars5, run_dir, *QUICK_RUN, "train.checkpoint_every_steps=2", logs=tmp_path / "logs",
-                         wrapper=wrapper)
+    run = start_training(prepared_cars5, run_dir, *QUICK_RUN, "train.max_steps=6", "train.checkpoint_every_steps=2",
+                         logs=tmp_path / "logs", wrapper=wrapper)
     assert run.wait(timeout=300) == 1, run.stderr[-3000:]
     line = error_line(run.stderr)
     assert line == (f"carbrand train: error: could not write {run_dir / 'checkpoints' / 'step_4'} (File too large); "
