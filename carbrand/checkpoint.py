@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from carbrand.config import Config, config_from_dict, safe_yaml_load, save_config
 from carbrand.errors import CarbrandError, ConfigError, first_line
 from carbrand.filesystem import read_directory_consistently, warn_if_short_of_space, write_directory_atomically
-from carbrand.model import build_model, load_classifier_state, load_failure_reason, safe_torch_load, strip_wrapper_prefixes
+from carbrand.model import build_model, load_classifier_state
+from carbrand.weights import load_failure_reason, safe_torch_load, strip_wrapper_prefixes
 
 STEP_PATTERN = re.compile(r"^step_(\d+)$")
 MODEL_FILE = "model.safetensors"

@@ -26,7 +26,8 @@ class DataConfig:
     manifest: str = "demo/prepared"  # directory written by `carbrand prepare --out` (default: where `carbrand demo` writes)
     loader: str = "auto"  # auto (DALI; torchvision for CPU decode over 4 workers) | dali | torchvision | memory (noise, for benchmarks)
     decode: str = "auto"  # auto (gpu when CUDA is there) | gpu (nvJPEG/HW decoder) | cpu
-    image_size: int = 224  # square training / evaluation crop, pixels
+    image_size: int = 224  # square training crop, pixels (and the evaluation crop unless eval_image_size is set)
+    eval_image_size: int = 0  # evaluation / prediction crop, pixels (0 = image_size): train low, test higher
     batch_size: int = 64  # per process; global batch = batch_size * world_size * grad_accum
     workers: int = 4  # DALI CPU threads, or DataLoader worker processes
     eval_crop_fraction: float = 0.875  # eval: resize short side to image_size / this, centre crop
@@ -36,13 +37,23 @@ class DataConfig:
     augment: str = "none"  # train: none | trivial (TrivialAugmentWide) | randaugment | autoaugment (ImageNet policy)
     randaugment_ops: int = 2  # randaugment: operations applied per image (N)
     randaugment_magnitude: int = 9  # randaugment: strength of each operation, 0..30 (M, of 31 bins)
+    # the input normalisation the weights expect, RGB: (pixel / 255 - mean) / std; travels with the export
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+
+    @property
+    def eval_size(self) -> int:
+        """The side of the evaluation crop: eval_image_size, or image_size when that is 0."""
+        return self.eval_image_size or self.image_size
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"  # any torchvision ResNet: resnet18|34|50|101|152
-    pretrained: str = "none"  # imagenet (torchvision weights cache) | none | PATH to a state dict
-    freeze_backbone_epochs: int = 0  # train only the new head for the first N epochs
+    arch: str = "resnet50"  # a torchvision ResNet (resnet18|34|50|101|152) or any timm model name (efficientnet_lite0, timm/resnet50)
+    pretrained: str = "none"  # imagenet (torchvision's or timm's weights cache) | none | PATH (.safetensors, .pth, .pt)
+    pretrained_key_map: str = "auto"  # PATH's naming: auto | none (the model's own) | efficientnet_pytorch
+    freeze_backbone_epochs: int = 0  # head-only warm-up: the backbone's learning rate is 0 for the first N epochs
+    freeze_batchnorm: bool = False  # BatchNorm keeps its pretrained running statistics (eval mode) while training
     compile: bool = False  # torch.compile the model (GPU: faster after warm-up)
     sync_batchnorm: bool = False  # SyncBatchNorm across ranks (small per-GPU batches)
 
@@ -58,6 +69,7 @@ class OptimConfig:
     warmup_epochs: float = 1.0  # linear warm-up from 0, then cosine decay
     min_lr_ratio: float = 0.0  # cosine decays to lr * this
     grad_clip_norm: float = 0.0  # clip the global gradient norm (0 = off)
+    backbone_lr_scale: float = 1.0  # the backbone learns at lr * this, the new head at lr (fine-tuning: e.g. 0.1)
 
 
 @dataclass
@@ -113,6 +125,11 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# ImageNet's channel statistics: what torchvision's weights (and most timm weights) expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# model.pretrained_key_map: the names of weights.KEY_MAPS (tests/test_pretrained.py holds them equal).
+KEY_MAPS = ("efficientnet_pytorch",)
 # train.precision: what each means in torch is carbrand/precision.py's table.
 PRECISIONS = ("no", "bf16", "fp16")
 # data.augment: the loaders implement each (data/augment_policies.py for torchvision, data/dali_augment.py for DALI).
@@ -126,7 +143,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.loader": ("auto", "dali", "torchvision", "memory"),
     "data.decode": ("auto", "gpu", "cpu"),
     "data.augment": AUGMENT_POLICIES,
-    "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
+    "model.pretrained_key_map": ("auto", "none", *KEY_MAPS),
     "optim.name": ("sgd", "adamw"),
     "train.precision": PRECISIONS,
     "train.best_metric": ("accuracy", "macro_f1", "last"),
@@ -282,6 +299,9 @@ def validate(config: Config) -> None:
     d, m, o, t = config.data, config.model, config.optim, config.train
     check(bool(d.manifest), "data.manifest", "must name a prepared dataset directory")
     check(d.image_size >= 32, "data.image_size", "must be at least 32")
+    check(d.eval_image_size == 0 or d.eval_image_size >= 32, "data.eval_image_size", "must be 0 (= image_size) or at least 32")
+    check(len(d.mean) == 3 and all(0 <= v <= 1 for v in d.mean), "data.mean", "must be 3 values in [0, 1] (R, G, B)")
+    check(len(d.std) == 3 and all(v > 0 for v in d.std), "data.std", "must be 3 values > 0 (R, G, B)")
     check(d.batch_size >= 1, "data.batch_size", "must be a positive integer")
     check(d.workers >= 0, "data.workers", "must be >= 0")
     check(0.0 < d.eval_crop_fraction <= 1.0, "data.eval_crop_fraction", "must be in (0, 1]")
@@ -290,6 +310,7 @@ def validate(config: Config) -> None:
     check(d.prefetch >= 1, "data.prefetch", "must be >= 1")
     check(d.randaugment_ops >= 1, "data.randaugment_ops", "must be >= 1")
     check(0 <= d.randaugment_magnitude <= 30, "data.randaugment_magnitude", "must be in 0..30")
+    check(bool(m.arch), "model.arch", "must name a torchvision ResNet or a timm model")
     check(bool(m.pretrained), "model.pretrained", "must be imagenet, none or a file path")
     check(m.freeze_backbone_epochs >= 0, "model.freeze_backbone_epochs", "must be >= 0")
     check(o.lr > 0, "optim.lr", "must be > 0")
@@ -299,6 +320,7 @@ def validate(config: Config) -> None:
     check(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
     check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
     check(o.grad_clip_norm >= 0, "optim.grad_clip_norm", "must be >= 0 (0 = off)")
+    check(o.backbone_lr_scale >= 0, "optim.backbone_lr_scale", "must be >= 0")
     check(not (o.nesterov and o.name == "sgd" and o.momentum == 0), "optim.nesterov", "needs optim.momentum > 0")
     check(t.epochs >= 1, "train.epochs", "must be >= 1")
     check(t.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no limit)")

@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
             setup = Setup(data_kind=data_kind, split=args.split, split_samples=len(samples),
                           world_size=accelerator.num_processes, loader=backend.loader, decode=backend.decode,
                           precision=precision, tta_flip=args.tta_flip, batch_size=data_config.batch_size,
-                          arch=export.config.model.arch, image_size=data_config.image_size)
+                          arch=export.config.model.arch, image_size=data_config.eval_size)
             evaluation = Evaluation(export=export, data=args.data, samples=samples, targets=targets, records=gathered,
                                     top_k=top_k, setup=setup, confidence=confidence, started=started)
             options = ReportOptions(out=out, gallery=args.gallery, wandb_mode=args.wandb_mode,
@@ -300,9 +300,7 @@ def read_confidence(checkpoint: Path, min_confidence: str | None) -> Confidence:
 
 def gallery_explainer(model, config: Config) -> Explainer:
     """Grad-CAM in the eval geometry with the evaluated model, wherever it is placed."""
-    return lambda photo, label: explain(model, photo, image_size=config.data.image_size,
-                                        crop_fraction=config.data.eval_crop_fraction, label=label,
-                                        channels_last=config.train.channels_last)
+    return lambda photo, label: explain(model, photo, config.data, label=label, channels_last=config.train.channels_last)
 
 
 def report_results(evaluation: Evaluation, options: ReportOptions) -> Tracker | None:

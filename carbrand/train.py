@@ -64,13 +64,13 @@ from carbrand.errors import CarbrandError, ConfigError, DataError, first_line
 from carbrand.evaluation.calibrate import calibrate_run
 from carbrand.filesystem import check_run_dir_writable
 from carbrand.metrics import confusion_matrix, summarize
-from carbrand.model import build_model, load_classifier_state
+from carbrand.model import build_model, convert_sync_batchnorm, load_classifier_state
 from carbrand.precision import input_dtype
 from carbrand.tracking import Tracker
 from carbrand.training.divergence import DivergenceGuard, ScalerSkips
 from carbrand.training.heartbeat import Heartbeat
 from carbrand.training.mixing import NO_MIX, Mix, apply_mix, draw_mix, mixed_cross_entropy, mixing_summary
-from carbrand.training.optimization import Schedule, build_optimizer, build_scheduler, peak_learning_rate
+from carbrand.training.optimization import Schedule, build_optimizer, build_scheduler, peak_learning_rate, set_train_mode
 from carbrand.training.preemption import EXIT_CODE_PREEMPTED, StopRequest
 from carbrand.training.run_lock import RunDirLock, lock_run_dir
 from carbrand.training.throughput import ThroughputWindow
@@ -234,9 +234,9 @@ def set_up(config: Config, accelerator: Accelerator, run_lock: RunDirLock | None
 
     # Model and optimizer. Seeds: base + global rank, so no two ranks draw the same stream.
     set_seed(t.seed + rank)
-    model = build_model(config.model.arch, len(classes), config.model.pretrained)
+    model = build_model(config.model.arch, len(classes), config.model.pretrained, config.model.pretrained_key_map)
     if config.model.sync_batchnorm and world_size > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     global_batch_size = config.data.batch_size * world_size * t.grad_accum_steps
@@ -247,7 +247,7 @@ def set_up(config: Config, accelerator: Accelerator, run_lock: RunDirLock | None
     total_steps = t.epochs * steps_per_epoch if t.max_steps == 0 else min(t.max_steps, t.epochs * steps_per_epoch)
     schedule = Schedule(total_steps=total_steps, warmup_steps=round(config.optim.warmup_epochs * steps_per_epoch),
                         frozen_backbone_steps=config.model.freeze_backbone_epochs * steps_per_epoch,
-                        min_lr_ratio=config.optim.min_lr_ratio)
+                        min_lr_ratio=config.optim.min_lr_ratio, backbone_lr_scale=config.optim.backbone_lr_scale)
     optimizer = build_optimizer(model, config.optim, peak_learning_rate(config.optim, global_batch_size), accelerator.device)
     scheduler = build_scheduler(optimizer, schedule)
 
@@ -331,7 +331,7 @@ def train_loop(run: Run, stop_request: StopRequest) -> int:
                unit="step", dynamic_ncols=True, desc="train")
     try:
         while progress.step < run.total_steps:
-            run.model.train()
+            set_train_mode(run.model, freeze_batchnorm=run.config.model.freeze_batchnorm)
             run.train_loader.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
             batches = iter(run.train_loader)
             while progress.batch_in_epoch < run.micro_batches_per_epoch and progress.step < run.total_steps:
@@ -459,7 +459,8 @@ def validate(run: Run) -> dict[str, float]:
             logits = model(images).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             confusion += confusion_matrix(logits.argmax(dim=1), labels, num_classes)
-    model.train(was_training)
+    if was_training:
+        set_train_mode(model, freeze_batchnorm=run.config.model.freeze_batchnorm)
     confusion = accelerator.reduce(confusion, reduction="sum")
     loss_sum = accelerator.reduce(loss_sum, reduction="sum")
     summary = summarize(confusion)

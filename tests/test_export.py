@@ -22,10 +22,11 @@ BATCH_SIZES = (1, 7, 32)  # the exported batch dimension is dynamic: sizes other
 def test_split_inputs(fitted_cars5_export: Path, prepared_cars5: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalised NCHW float32 images of every cars5 test photo, PyTorch's logits for them)."""
     model, export = load_export_model(fitted_cars5_export)
-    size, fraction = export.config.data.image_size, export.config.data.eval_crop_fraction
+    data = export.config.data
+    size, fraction = data.eval_size, data.eval_crop_fraction
     samples = load_prepared(prepared_cars5).split("test")
     crops = torch.stack([eval_transform(load_rgb(sample.path), size, fraction) for sample in samples])
-    images = Normalizer(torch.device("cpu"), torch.float32, channels_last=False)(crops).contiguous()
+    images = Normalizer(torch.device("cpu"), torch.float32, channels_last=False, mean=data.mean, std=data.std)(crops).contiguous()
     with torch.inference_mode():
         return images, model(images)
 

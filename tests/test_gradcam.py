@@ -12,15 +12,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from carbrand.config import DataConfig
 from carbrand.data.images import Normalizer
 from carbrand.data.preprocessing import eval_crop_box
 from carbrand.data.torch_loader import eval_transform
 from carbrand.inference.gradcam import explain, heat_in_photo, overlay, target_layer
+from carbrand.model import build_model
 from tests.helpers.exports import make_export
 from tests.helpers.image_factory import photo
 
 PHOTO_SIZE = (72, 56)  # wider than high: the eval crop is a centred square, so photo and crop pixels differ
 IMAGE_SIZE, CROP_FRACTION, PATCH = 48, 0.875, 12
+DATA = DataConfig(image_size=IMAGE_SIZE, eval_crop_fraction=CROP_FRACTION)  # the eval geometry and normalisation
 
 
 class PatchNet(nn.Module):
@@ -59,7 +62,7 @@ def patch_model() -> nn.Module:
     positions = patch_positions(rng, 16)
     photos = [with_patch(100 + i, positions[i // 2] if i % 2 == 0 else None) for i in range(32)]
     labels = torch.tensor([i % 2 for i in range(32)])
-    images = Normalizer(torch.device("cpu"), torch.float32, False)(
+    images = Normalizer(torch.device("cpu"), torch.float32, False, mean=DATA.mean, std=DATA.std)(
         torch.stack([eval_transform(p, IMAGE_SIZE, CROP_FRACTION) for p in photos]))
     torch.manual_seed(0)
     model = PatchNet()
@@ -74,12 +77,18 @@ def patch_model() -> nn.Module:
     return model.eval()
 
 
+@pytest.mark.parametrize("arch, stage", [("resnet18", "layer4"), ("tf_efficientnet_lite0", "bn2")])
+def test_grad_cam_reads_the_last_convolutional_stage_of_any_architecture(arch, stage):
+    """layer4 of a torchvision ResNet; the final BatchNorm + activation after conv_head of a timm EfficientNet."""
+    assert target_layer(build_model(arch, 3).eval()) == stage
+
+
 def test_heat_map_peak_lies_inside_the_evidence_patch_in_photo_pixels(patch_model):
-    assert target_layer(patch_model) is patch_model.features[4]
+    assert target_layer(patch_model) == "features"
     rng = np.random.default_rng(1)
     for number, (x, y) in enumerate(patch_positions(rng, 6)):
         image = with_patch(900 + number, (x, y))
-        explanation = explain(patch_model, image, image_size=IMAGE_SIZE, crop_fraction=CROP_FRACTION, label=0)
+        explanation = explain(patch_model, image, DATA, label=0)
         assert explanation.heat.shape == (IMAGE_SIZE, IMAGE_SIZE) and explanation.heat.max() == pytest.approx(1.0)
         heat = heat_in_photo(explanation)
         assert heat.shape == (PHOTO_SIZE[1], PHOTO_SIZE[0])
@@ -89,7 +98,7 @@ def test_heat_map_peak_lies_inside_the_evidence_patch_in_photo_pixels(patch_mode
         assert picture.size == image.size
         assert not any(p.grad is not None for p in patch_model.parameters())  # gradients w.r.t. activations only
     plain = with_patch(950, None)
-    assert explain(patch_model, plain, image_size=IMAGE_SIZE, crop_fraction=CROP_FRACTION).label == 1
+    assert explain(patch_model, plain, DATA).label == 1
 
 
 def test_explain_writes_overlays_and_a_bad_photo_is_one_line(tmp_path, cars5_dir, capsys):

@@ -19,8 +19,9 @@ import torchvision
 from safetensors.torch import load_file, save_file
 
 from carbrand.checkpoint import load_training_checkpoint
-from carbrand.errors import CarbrandError
-from carbrand.model import build_model, imagenet_weights_path
+from carbrand.errors import CarbrandError, ConfigError
+from carbrand.model import build_model
+from carbrand.weights import imagenet_weights_path
 from tests.helpers.paths import HELPERS, REPO
 from tests.helpers.subprocesses import assert_ok, subprocess_environment
 from tests.helpers.training_runs import train_command
@@ -76,6 +77,11 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     torch.save(build_model("resnet50", 5).state_dict(), path)
     with pytest.raises(CarbrandError, match="does not fit"):
         build_model("resnet18", 5, pretrained=str(path))
+
+
+def test_an_unknown_architecture_names_the_key_and_where_names_come_from():
+    with pytest.raises(ConfigError, match=r"config key 'model.arch': 'vit_b_16' is neither a torchvision ResNet .* nor a timm model"):
+        build_model("vit_b_16", 5)  # torchvision's name; timm calls it vit_base_patch16_224
 
 
 def test_missing_weight_file(tmp_path):

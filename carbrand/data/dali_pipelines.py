@@ -27,11 +27,10 @@ from carbrand.data.images import check_pixel_limits
 from carbrand.data.loader_base import EvalLoader, TrainLoader
 from carbrand.data.manifest import Sample
 from carbrand.data.preprocessing import (
-    IMAGENET_MEAN_255,
-    IMAGENET_STD_255,
     TRAIN_ASPECT_RATIO,
     TRAIN_CROP_ATTEMPTS,
     eval_crop_side_fraction,
+    on_255_scale,
 )
 from carbrand.data.sharding import augmentation_seed
 
@@ -65,13 +64,13 @@ def _decoder_args(gpu: bool, hw_decoder_load: float) -> dict:
     return args
 
 
-def _normalize(images, *, channels_last: bool, half: bool, mirror=None):
-    """Flip (when `mirror` is given), normalise with ImageNet statistics, cast."""
+def _normalize(images, data: DataConfig, *, channels_last: bool, half: bool, mirror=None):
+    """Flip (when `mirror` is given), normalise with data.mean and data.std, cast."""
     extra = {} if mirror is None else {"mirror": mirror}
     return fn.crop_mirror_normalize(
         images,
-        mean=list(IMAGENET_MEAN_255),
-        std=list(IMAGENET_STD_255),
+        mean=on_255_scale(data.mean),
+        std=on_255_scale(data.std),
         # HWC gives NHWC batches; permuting them to NCHW in torch is a free channels_last view.
         output_layout="HWC" if channels_last else "CHW",
         dtype=types.FLOAT16 if half else types.FLOAT,
@@ -92,7 +91,7 @@ def _train_graph(files: list[str], labels: list[int], *, gpu: bool, data: DataCo
     )
     images = fn.resize(images, resize_x=data.image_size, resize_y=data.image_size)  # antialiased linear
     images = apply_augment_policy(images, data)  # on uint8, before normalisation, as in the torchvision loader
-    images = _normalize(images, channels_last=channels_last, half=half, mirror=fn.random.coin_flip(probability=0.5))
+    images = _normalize(images, data, channels_last=channels_last, half=half, mirror=fn.random.coin_flip(probability=0.5))
     return images, labels_out
 
 
@@ -116,14 +115,14 @@ def eval_pipeline(files: list[str], *, gpu: bool, data: DataConfig, channels_las
     # as preprocessing.eval_crop_box (no rounding of the resized size or of the crop offset).
     shape = images.shape(dtype=types.FLOAT)  # H, W, C after EXIF rotation; always a CPU node
     height, width = shape[0], shape[1]
-    side = dali_math.min(height, width) * eval_crop_side_fraction(data.image_size, data.eval_crop_fraction)
+    side = dali_math.min(height, width) * eval_crop_side_fraction(data.eval_size, data.eval_crop_fraction)
     images = fn.resize(
         images,
-        size=[data.image_size, data.image_size],
+        size=[data.eval_size, data.eval_size],
         roi_start=fn.stack((height - side) * 0.5, (width - side) * 0.5),  # (y, x), like `size`
         roi_end=fn.stack((height + side) * 0.5, (width + side) * 0.5),
     )
-    images = _normalize(images, channels_last=channels_last, half=half)
+    images = _normalize(images, data, channels_last=channels_last, half=half)
     return images, positions
 
 

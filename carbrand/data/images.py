@@ -3,10 +3,10 @@
     load_rgb(path)        decode a file, EXIF orientation applied (as DALI's adjust_orientation does), RGB
     upright_rgb(image)    the same for a PIL image already open or in memory
     check_pixel_limits(paths)  header-only size check of many files (what DALI decodes)
-    Normalizer            uint8 NHWC batch -> ImageNet-normalised NCHW on the device (channels_last if asked)
+    Normalizer            uint8 NHWC batch -> normalised NCHW on the device (data.mean/std; channels_last if asked)
 
 The torchvision loaders, the predictor and prepare's verification decode through these;
-DALI normalises inside its graph with the same constants (preprocessing.py), so a model
+DALI normalises inside its graph with the same numbers (data.mean, data.std), so a model
 trained through DALI sees the same numbers when `carbrand predict` feeds it one photo.
 
 preprocessing.MAX_PIXELS is the one pixel limit: prepare rejects larger images, and load_rgb
@@ -25,7 +25,6 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from carbrand.data import preprocessing
-from carbrand.data.preprocessing import IMAGENET_MEAN_255, IMAGENET_STD_255
 from carbrand.errors import DataError, first_line
 
 # Header reads wait on the file system (a network one on clusters) far more than on Python.
@@ -95,10 +94,12 @@ class Normalizer:
     permuted to NCHW is channels_last for free.
     """
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, channels_last: bool):
+    def __init__(self, device: torch.device, dtype: torch.dtype, channels_last: bool, *, mean: Sequence[float],
+                 std: Sequence[float]):
+        """`mean` and `std` on the 0-1 scale (data.mean, data.std: what the weights expect)."""
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
-        self.mean = torch.tensor(IMAGENET_MEAN_255, device=device).view(1, 3, 1, 1)
-        self.inverse_std = (1.0 / torch.tensor(IMAGENET_STD_255, device=device)).view(1, 3, 1, 1)
+        self.mean = torch.tensor(preprocessing.on_255_scale(mean), device=device).view(1, 3, 1, 1)
+        self.inverse_std = (1.0 / torch.tensor(preprocessing.on_255_scale(std), device=device)).view(1, 3, 1, 1)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         images = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # channels_last view

@@ -45,7 +45,7 @@ class MemoryEvalLoader(EvalLoader):
     def __init__(self, data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int,
                  device: torch.device, dtype: torch.dtype, channels_last: bool):
         super().__init__(len(samples), rank=rank, world_size=world_size, batch_size=data.batch_size)
-        self._images = random_batch(data.batch_size, data.image_size, seed=rank, device=device, dtype=dtype,
+        self._images = random_batch(data.batch_size, data.eval_size, seed=rank, device=device, dtype=dtype,
                                     channels_last=channels_last)
         self._labels = torch.tensor([s.label for s in samples], dtype=torch.int64)
         self._device = device

@@ -1,7 +1,7 @@
 """The preprocessing numbers every image path shares: DALI, torchvision and the predictor.
 
 Keeping them in one place is what makes the three paths agree: a model trained through
-DALI must see the same normalisation and eval crop when `carbrand predict` feeds it
+DALI must see the same eval crop (and, from the config, the same normalisation) when `carbrand predict` feeds it
 a single photo through PIL.
 """
 
@@ -12,14 +12,14 @@ from __future__ import annotations
 # larger is not a car photo.
 MAX_PIXELS = 80_000_000
 
-# ImageNet statistics, because the backbone starts from ImageNet weights.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The normalisation is not here but in the config (data.mean, data.std: what the weights expect,
+# ImageNet's statistics by default), so that it travels with the export into predict and serve.
+# DALI and the torchvision path both normalise on the 0-255 scale of decoded uint8 pixels.
 
-# The same numbers on the 0-255 scale of decoded uint8 pixels (DALI normalises there,
-# and the torchvision path normalises uint8 batches on the device the same way).
-IMAGENET_MEAN_255 = tuple(255.0 * m for m in IMAGENET_MEAN)
-IMAGENET_STD_255 = tuple(255.0 * s for s in IMAGENET_STD)
+
+def on_255_scale(values) -> list[float]:
+    """data.mean / data.std (0-1 scale) on the 0-255 scale of decoded uint8 pixels."""
+    return [255.0 * value for value in values]
 
 # RandomResizedCrop aspect-ratio range (width / height), the torchvision default.
 TRAIN_ASPECT_RATIO = (3.0 / 4.0, 4.0 / 3.0)

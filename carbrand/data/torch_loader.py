@@ -1,7 +1,7 @@
 """The torchvision fallback loader (where DALI is not installed): PIL decode, same recipe.
 
 Workers return uint8 HWC crops; normalisation happens after the copy to the device
-(images.Normalizer, with the same constants as DALI): a quarter of float32's bytes
+(images.Normalizer, with the same numbers as DALI: data.mean, data.std): a quarter of float32's bytes
 cross PCIe, and the NHWC batch permuted to NCHW is channels_last for free.
 
 Augmentation randomness is drawn per sample from (seed, rank, epoch, position in the
@@ -150,7 +150,7 @@ class TorchTrainLoader(TrainLoader):
         super().__init__(len(samples), rank=rank, world_size=world_size, seed=seed, batch_size=data.batch_size)
         dataset = TrainDataset(samples, data)
         self._loader = DataLoader(dataset, sampler=TrainSampler(self), drop_last=True, **_loader_args(data, device))
-        self._normalize = Normalizer(device, dtype, channels_last)
+        self._normalize = Normalizer(device, dtype, channels_last, mean=data.mean, std=data.std)
         self.pipelines_built = 0  # worker pools started (persistent: one per run; 0 when loading in-process)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -167,10 +167,10 @@ class TorchEvalLoader(EvalLoader):
     def __init__(self, data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int,
                  device: torch.device, dtype: torch.dtype, channels_last: bool):
         super().__init__(len(samples), rank=rank, world_size=world_size, batch_size=data.batch_size)
-        dataset = EvalDataset(samples, data.image_size, data.eval_crop_fraction)
+        dataset = EvalDataset(samples, data.eval_size, data.eval_crop_fraction)
         # A plain list of indices as the sampler: in order, no padding, last batch partial.
         self._loader = DataLoader(dataset, sampler=self.shard.tolist(), drop_last=False, **_loader_args(data, device))
-        self._normalize = Normalizer(device, dtype, channels_last)
+        self._normalize = Normalizer(device, dtype, channels_last, mean=data.mean, std=data.std)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if not self.num_samples:

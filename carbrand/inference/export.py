@@ -5,8 +5,9 @@
 
 The output folder holds the model (model.onnx or model.pt), classes.json, contract.json and,
 when best/ has one, calibration.json. contract.json is the input contract a caller must meet:
-RGB with EXIF orientation applied, the centre crop of image_size / eval_crop_fraction resized to
-image_size, float32 NCHW normalised with the ImageNet mean and std; the output is logits, one
+RGB with EXIF orientation applied, the centre crop of eval size / eval_crop_fraction resized to
+the eval size (data.eval_image_size, else data.image_size), float32 NCHW normalised with the mean
+and std the weights expect (data.mean, data.std; ImageNet's unless the recipe says other); the output is logits, one
 row per image, brands in classes.json order. The batch size is dynamic. The model is fp32, on
 the CPU, in eval mode, exactly the weights `carbrand predict` uses: onnxruntime and TorchScript
 give the same logits within 1e-4 (tests/test_export.py checks it on the cars5 test split).
@@ -28,7 +29,7 @@ import torch
 
 from carbrand.checkpoint import load_export_model
 from carbrand.command_line import run_command_module
-from carbrand.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
+from carbrand.data.preprocessing import eval_resize_size
 from carbrand.errors import CarbrandError, UsageError, first_line
 from carbrand.filesystem import write_directory_atomically
 from carbrand.inference.calibration import CALIBRATION_FILE  # written into best/ by training or `carbrand calibrate`, copied as is
@@ -60,7 +61,7 @@ def export_checkpoint(checkpoint: Path, format: str, out: Path) -> Path:
     if format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}; got {format!r}")
     model, export = load_export_model(checkpoint)  # one-line CarbrandError for a missing or foreign folder
-    image_size = export.config.data.image_size
+    image_size = export.config.data.eval_size
     example = torch.zeros(TRACE_BATCH, 3, image_size, image_size)
     calibration = export.directory / CALIBRATION_FILE
     contract = input_contract(export, format, has_calibration=calibration.is_file())
@@ -117,14 +118,14 @@ def input_contract(export, format: str, has_calibration: bool) -> dict:
             "name": INPUT_NAME,
             "dtype": "float32",
             "layout": "NCHW",
-            "shape": ["batch", 3, data.image_size, data.image_size],
+            "shape": ["batch", 3, data.eval_size, data.eval_size],
             "color": "RGB, EXIF orientation applied",
             "resize": {
-                "shorter_side": eval_resize_size(data.image_size, data.eval_crop_fraction),
-                "center_crop": data.image_size,
+                "shorter_side": eval_resize_size(data.eval_size, data.eval_crop_fraction),
+                "center_crop": data.eval_size,
                 "interpolation": "bilinear, antialiased (PIL Image.resize with the crop box; carbrand/data/torch_loader.py eval_transform)",
             },
-            "normalisation": {"scale": "pixel / 255", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "normalisation": {"scale": "pixel / 255", "mean": list(data.mean), "std": list(data.std),
                               "formula": "(pixel / 255 - mean) / std, per channel"},
         },
         "output": {

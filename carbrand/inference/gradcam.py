@@ -1,12 +1,14 @@
 """Grad-CAM (Selvaraju et al., 2017): which part of a photo made the model answer a brand.
 
     from carbrand.inference.gradcam import explain, overlay, png_bytes
-    explanation = explain(model, photo, image_size=224, crop_fraction=0.875)       # top-1 brand
+    explanation = explain(model, photo, config.data)                              # top-1 brand
     png_bytes(overlay(photo, explanation))                                         # heat map on the photo
 
 The heat map is computed where the model looks: on the eval preprocessing's centre crop
 (preprocessing.eval_crop_box, the geometry of evaluate and predict), from the last
-convolutional stage (`layer4` of a ResNet). The gradients of the brand's logit, averaged over
+convolutional stage, whatever the architecture: the last top-level part of the model whose
+output is still a feature map (`layer4` of a ResNet, the final BatchNorm + activation of a timm
+EfficientNet), read off the same forward pass. The gradients of the brand's logit, averaged over
 the stage's positions, weight its channels; their positive sum is the map, normalised to a
 peak of 1 and upsampled to the crop. Drawn on the original photo, it covers the crop box
 only; what the crop leaves out is dimmed, since the model never saw it.
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from carbrand.config import DataConfig
 from carbrand.data.images import Normalizer
 from carbrand.data.preprocessing import eval_crop_box
 from carbrand.data.torch_loader import eval_transform
@@ -41,30 +44,51 @@ class Explanation:
     photo_size: tuple[int, int]  # (width, height) of the photo explained
 
 
-def target_layer(model: torch.nn.Module) -> torch.nn.Module:
-    """The last convolutional stage: `layer4` for a ResNet, else the module holding the last Conv2d."""
-    if hasattr(model, "layer4"):
-        return model.layer4
-    convolutions = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    if not convolutions:
-        raise ValueError("Grad-CAM needs a convolutional model")
-    return convolutions[-1]
+def spatial_outputs(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list]:
+    """Hooks that record the output of every top-level part of `model`; the caller removes them."""
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [child.register_forward_hook(lambda _module, _inputs, output, name=name: outputs.__setitem__(name, output))
+             for name, child in model.named_children()]
+    return outputs, hooks
+
+
+def last_feature_map(outputs: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
+    """The last recorded output that is a feature map (N, C, H, W with H, W > 1): the last convolutional stage."""
+    maps = [(name, out) for name, out in outputs.items()
+            if isinstance(out, torch.Tensor) and out.ndim == 4 and min(out.shape[-2:]) > 1]
+    if not maps:
+        raise ValueError("Grad-CAM needs a model with a convolutional stage: no part of it outputs a feature map")
+    return maps[-1]
+
+
+def target_layer(model: torch.nn.Module, image_size: int = 64) -> str:
+    """The name of the part Grad-CAM reads (`layer4` of a ResNet), found with one small forward pass."""
+    parameter = next(model.parameters())
+    outputs, hooks = spatial_outputs(model)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, dtype=parameter.dtype, device=parameter.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return last_feature_map(outputs)[0]
 
 
 def grad_cam(model: torch.nn.Module, images: torch.Tensor, label: int | None = None) -> tuple[torch.Tensor, int, float]:
     """(heat [H, W] in [0, 1] on the input's grid, explained label, its probability) for one normalised image [1, 3, H, W]."""
-    captured: list[torch.Tensor] = []
-    hook = target_layer(model).register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+    outputs, hooks = spatial_outputs(model)
     try:
         with torch.inference_mode(False), torch.enable_grad():
             logits = model(images.float()).float()
             if label is None:
                 label = int(logits[0].argmax())
             probability = float(logits[0].detach().softmax(dim=0)[label])
-            (gradients,) = torch.autograd.grad(logits[0, label], captured[0])
+            _, stage = last_feature_map(outputs)
+            (gradients,) = torch.autograd.grad(logits[0, label], stage)
     finally:
-        hook.remove()
-    activations = captured[0].detach()
+        for hook in hooks:
+            hook.remove()
+    activations = stage.detach()
     weights = gradients.mean(dim=(2, 3), keepdim=True)  # one weight per channel: its average gradient
     cam = F.relu((weights * activations).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
@@ -72,12 +96,13 @@ def grad_cam(model: torch.nn.Module, images: torch.Tensor, label: int | None = N
     return (cam / peak if peak > 0 else cam).cpu(), label, probability
 
 
-def explain(model: torch.nn.Module, photo: Image.Image, *, image_size: int, crop_fraction: float,
-            label: int | None = None, channels_last: bool = False) -> Explanation:
-    """Grad-CAM of an upright RGB photo through the eval preprocessing (the model stays on its device)."""
+def explain(model: torch.nn.Module, photo: Image.Image, data: DataConfig, *, label: int | None = None,
+            channels_last: bool = False) -> Explanation:
+    """Grad-CAM of an upright RGB photo through the eval preprocessing of `data` (the model stays on its device)."""
     device = next(model.parameters()).device
+    image_size, crop_fraction = data.eval_size, data.eval_crop_fraction
     crop = eval_transform(photo, image_size, crop_fraction)
-    images = Normalizer(device, torch.float32, channels_last)(crop.unsqueeze(0))
+    images = Normalizer(device, torch.float32, channels_last, mean=data.mean, std=data.std)(crop.unsqueeze(0))
     was_training = model.training
     model.eval()
     try:

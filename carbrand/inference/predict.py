@@ -18,8 +18,8 @@ stored there) or a number, a photo whose calibrated top-1 probability is below i
 always the answer.
 
 Preprocessing is the evaluator's torchvision path (torch_loader.eval_transform): EXIF
-orientation applied, the centre crop of image_size / eval_crop_fraction resized to
-image_size, ImageNet normalisation. Runs on the GPU when there is one, else the CPU. A file that cannot be
+orientation applied, the centre crop of eval size / eval_crop_fraction resized to the eval
+size (data.eval_image_size, else data.image_size), normalised with the export's data.mean and data.std. Runs on the GPU when there is one, else the CPU. A file that cannot be
 read or decoded gets an error line on stderr; the others are still predicted, and the
 exit code is 1 if anything failed.
 """
@@ -117,13 +117,14 @@ class Predictor:
                  precision: str = "auto", calibration: Calibration | None = None, min_confidence: float | None = None):
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.classes = classes
-        self.image_size = config.data.image_size
+        self.data = config.data
+        self.image_size = config.data.eval_size  # the side of the eval crop (reported by serve)
         self.crop_fraction = config.data.eval_crop_fraction
         self.channels_last = config.train.channels_last
         self.precision = resolve_precision(precision, config.train.precision, self.device)
         self.model = place_model(model, self.device, self.channels_last)
         # float32 input, as the eval loaders give for full precision; autocast lowers it inside the model
-        self.normalize = Normalizer(self.device, torch.float32, self.channels_last)
+        self.normalize = Normalizer(self.device, torch.float32, self.channels_last, mean=config.data.mean, std=config.data.std)
         self.calibration = calibration
         self.temperature = calibration.temperature if calibration is not None else 1.0
         self.min_confidence = resolve_min_confidence(min_confidence, calibration, "this export")
@@ -180,8 +181,7 @@ class Predictor:
         if brand is not None and brand not in self.classes:
             raise UsageError(f"--brand {brand!r} is not a brand this model knows ({', '.join(self.classes)})")
         label = self.classes.index(brand) if brand is not None else None
-        return photo, explain(self.model, photo, image_size=self.image_size, crop_fraction=self.crop_fraction,
-                              label=label, channels_last=self.channels_last)
+        return photo, explain(self.model, photo, self.data, label=label, channels_last=self.channels_last)
 
     def write_overlay(self, item, out_path: Path, brand: str | None = None) -> Explanation:
         """Grad-CAM overlay PNG of one photo (see carbrand.inference.gradcam) at `out_path`."""
