@@ -48,7 +48,7 @@ def variant_overrides(spec: dict) -> list[str]:
 
 def product(spec: dict) -> dict:
     """The trainer as users run it, on a throw-away run directory; images/s from its own log."""
-    from carbrand.train import train
+    from carbrand.train import train  # the trainer loads in the measuring process only, not in every bench
 
     warmup, steps, run_dir = spec["warmup_steps"], spec["steps"], spec["run_dir"]
     window = math.gcd(warmup, steps)  # log windows must tile warm-up and measured steps exactly

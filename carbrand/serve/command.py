@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from carbrand.checkpoint import load_export
 from carbrand.errors import UsageError
 from carbrand.serve.batching import BatchingSettings
 from carbrand.serve.settings import MEGABYTE, SETTINGS_VARIABLE, ServeSettings
@@ -66,9 +67,7 @@ def settings_from_arguments(args: argparse.Namespace) -> ServeSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from carbrand.checkpoint import load_export
+    import uvicorn  # the serve extra: imported only when serving
 
     settings = settings_from_arguments(args)
     load_export(settings.checkpoint)  # a missing or foreign checkpoint: one line here, not a traceback per worker

@@ -58,8 +58,14 @@ CASES = [
     ("train", "resume: another optimizer", TRAIN + " train.resume={checkpoint_sgd}", 1, "training state does not fit"),
     ("train", "resume: not a checkpoint", TRAIN + " train.resume={checkpoint_junk}", 1, "cannot be loaded safely"),
     ("train", "resume: a file", TRAIN + " train.resume={a_file}", 1, "not a complete training checkpoint"),
-    ("train", "weights of another architecture", TRAIN + " model.pretrained={weights_resnet34}", 1, "does not fit"),
-    ("train", "weights that are not weights", TRAIN + " model.pretrained={a_file}", 1, "not a readable weights file"),
+    ("train", "weights of another architecture", TRAIN + " model.pretrained={weights_resnet34}", 2, "{weights_resnet34} does not fit"),
+    ("train", "weights that are not weights", TRAIN + " model.pretrained={a_file}", 2, "{a_file} is not a readable weights file"),
+    ("train", "missing weights file", TRAIN + " model.pretrained={missing}", 2, "weights file not found: {missing}"),
+    ("train", "truncated weights file", TRAIN + " model.pretrained={weights_truncated}", 2, "{weights_truncated} is not a readable"),
+    ("train", "weights file holding a pickled object", TRAIN + " model.pretrained={weights_pickled}", 2,
+     "{weights_pickled} is not a readable weights file (refused by the weights-only loader"),
+    ("train", "weights file holding no tensors", TRAIN + " model.pretrained={weights_not_a_state_dict}", 2,
+     "{weights_not_a_state_dict} does not hold a state dict of tensors"),
     ("evaluate", "missing checkpoint", EVALUATE + " --checkpoint {missing}", 1, "{missing}"),
     ("evaluate", "missing dataset", EVALUATE + " --data {missing}", 1, "{missing}"),
     ("evaluate", "empty dataset", EVALUATE + " --data {empty_dataset}", 1, "no samples"),
@@ -114,6 +120,10 @@ def copy_prepared(prepared: Path, directory: Path, change) -> str:
     return str(directory)
 
 
+class NotATensor:
+    """Pickled by reference: loading it would import and build an arbitrary class."""
+
+
 @pytest.fixture(scope="module")
 def inputs(prepared_cars5, cars5_dir, tmp_path_factory) -> dict[str, str]:
     work = tmp_path_factory.mktemp("bad_input")
@@ -133,6 +143,10 @@ def inputs(prepared_cars5, cars5_dir, tmp_path_factory) -> dict[str, str]:
 
     resnet34, six_way = build_model("resnet34", 5), build_model("resnet18", 6)
     torch.save(resnet34.state_dict(), work / "resnet34.pt")
+    truncated = (work / "resnet34.pt").read_bytes()
+    (work / "resnet18-truncated.pth").write_bytes(truncated[: len(truncated) // 2])
+    torch.save({"conv1.weight": NotATensor()}, work / "pickled.pt")  # an object the weights-only loader must refuse
+    torch.save([1, 2, 3], work / "a-list.pt")
     progress = {"step": 3, "epoch": 0, "batch_in_epoch": 3}
     one_group_sgd = torch.optim.SGD(build_model("resnet18", 5).parameters(), lr=0.1).state_dict()
     export_unknown_key = Path(write_export(work / "export_unknown_key", brands=CARS5))
@@ -166,6 +180,9 @@ def inputs(prepared_cars5, cars5_dir, tmp_path_factory) -> dict[str, str]:
             {"progress": progress, "optimizer": one_group_sgd, "scheduler": {}}),
         "checkpoint_junk": str(junk),
         "weights_resnet34": str(work / "resnet34.pt"),
+        "weights_truncated": str(work / "resnet18-truncated.pth"),
+        "weights_pickled": str(work / "pickled.pt"),
+        "weights_not_a_state_dict": str(work / "a-list.pt"),
         "work": str(work),
     }
 
