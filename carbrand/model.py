@@ -13,7 +13,6 @@ weights file may leave out), and how to make its BatchNorm layers synchronised a
 
 from __future__ import annotations
 
-import timm
 import torch
 import torchvision
 from torch import nn
@@ -46,7 +45,16 @@ def build_model(arch: str, num_classes: int, pretrained: str = "none", key_map: 
     return model
 
 
+def load_timm():
+    """timm, imported only for timm models: importing it imports wandb, which makes folders in TMPDIR (predict and
+    serve of a torchvision export must write nothing)."""
+    import timm
+
+    return timm
+
+
 def timm_name(arch: str) -> str:
+    timm = load_timm()
     name = arch.removeprefix(TIMM_PREFIX)
     if not timm.is_model(name):
         raise ConfigError(f"config key 'model.arch': {arch!r} is neither a torchvision ResNet ({', '.join(TORCHVISION_ARCHS)}) "
@@ -56,6 +64,7 @@ def timm_name(arch: str) -> str:
 
 def build_timm_model(name: str, num_classes: int, imagenet: bool) -> nn.Module:
     """timm's model; with `imagenet`, timm's pretrained weights (fetched by timm once per node into its cache)."""
+    timm = load_timm()
     if not imagenet:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes)
     else:
@@ -93,7 +102,7 @@ def is_head_parameter(name: str, prefix: str) -> bool:
 def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
     """SyncBatchNorm in place of every BatchNorm; timm's own converter keeps its fused BatchNorm + activation layers."""
     if getattr(model, "pretrained_cfg", None) is not None:
-        return timm.layers.convert_sync_batchnorm(model)
+        return load_timm().layers.convert_sync_batchnorm(model)
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
