@@ -99,7 +99,6 @@ def load_export(directory: str | Path) -> Export:
 
 def load_export_model(directory: str | Path) -> tuple[torch.nn.Module, Export]:
     """The exported classifier, on the CPU in eval mode, checked against its own config."""
-
     export = load_export(directory)
     model = build_model(export.config.model.arch, len(export.classes), pretrained="none")
     load_classifier_state(model, export.state_dict, str(export.directory / MODEL_FILE))

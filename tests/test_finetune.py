@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from carbrand.checkpoint import load_export_model
 from carbrand.cli import main
 from carbrand.config import load_config
 from carbrand.data.images import Normalizer, load_rgb
@@ -103,8 +104,6 @@ def test_evaluate_predict_and_export_take_the_fine_tuned_export(finetuned, prepa
     crops = torch.stack([eval_transform(load_rgb(p), 96, config.data.eval_crop_fraction)
                          for p in sorted((cars5_dir / "test" / "bmw").iterdir())[:4]])
     images = Normalizer(torch.device("cpu"), torch.float32, False, mean=config.data.mean, std=config.data.std)(crops)
-    from carbrand.checkpoint import load_export_model
-
     model, _ = load_export_model(best)
     with torch.inference_mode():
         reference = model(images.contiguous())

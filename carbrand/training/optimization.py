@@ -2,7 +2,8 @@
 
 Parameters fall in four groups: {backbone, head} x {decayed, not decayed}. Norm layers and
 biases get no weight decay. Fine-tuning: the backbone may learn at a fraction of the head's
-rate (optim.backbone_lr_scale) and BatchNorm may keep its pretrained statistics (set_train_mode). The backbone is "frozen" for the first epochs by giving its
+rate (optim.backbone_lr_scale) and BatchNorm may keep its pretrained statistics
+(set_train_mode). The backbone is "frozen" for the first epochs by giving its
 groups a zero learning rate rather than `requires_grad=False`: DDP fixes the set of
 parameters it reduces when it wraps the model, so toggling requires_grad later breaks it.
 """
