@@ -88,15 +88,17 @@ def test_payload_in_weights_is_refused_and_never_executed(where, export, photo, 
         arguments = (["predict", "--checkpoint", export, photo] if "predict" in where else
                      ["evaluate", "--checkpoint", export, "--data", prepared_cars5, "--out", tmp_path / "eval"])
         expected = f"{export / 'model.safetensors'} is not a valid safetensors file"
+        expected_code = 1
     else:
         weights = tmp_path / "weights.pt"
         torch.save({"conv1.weight": Payload(marker)}, weights)
         arguments = ["train", "--config", CPU_RECIPE, f"data.manifest={prepared_cars5}", f"output.dir={tmp_path / 'run'}",
                      "data.loader=torchvision", f"model.pretrained={weights}"]
-        expected = (f"{weights} is not a readable weights file "
+        expected = (f"config key 'model.pretrained': {weights} is not a readable weights file "
                     f"(refused by the weights-only loader: Trying to load unsupported GLOBAL")
+        expected_code = 2  # a bad file named by a config key is a usage error, like every other bad key
     code, err = run_cli(*arguments, capsys=capsys)
-    assert code == 1 and len(err.splitlines()) == 1 and expected in err, err
+    assert code == expected_code and len(err.splitlines()) == 1 and expected in err, err
     assert not marker.exists(), "the payload ran"
     assert not (tmp_path / "eval").exists() and not (tmp_path / "run").exists()
 
