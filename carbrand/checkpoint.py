@@ -4,6 +4,10 @@
     RUN/best/                   model.safetensors  classes.json  config.yaml   (an export)
     RUN/last -> checkpoints/step_<n>
 
+Both also hold car_models.json when the network was trained on car models (data.labels:
+car_model): its head then has one output per car model, and load_export_model sums them
+into the brands of classes.json, so every reader of an export answers brands.
+
 Every directory is first written under a hidden temporary name and renamed when complete,
 so a crash mid-save leaves either the old state or the new one, never a half. Weights are
 safetensors; the training state (optimizer, scheduler, scaler, counters, the EMA's update
@@ -28,9 +32,10 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 
 from carbrand.config import Config, config_from_dict, safe_yaml_load, save_config
+from carbrand.car_models import CAR_MODELS_FILE, CarModel, brand_indices, car_models_from_json, car_models_json
 from carbrand.errors import CarbrandError, ConfigError, first_line
 from carbrand.filesystem import read_directory_consistently, warn_if_short_of_space, write_directory_atomically
-from carbrand.model import build_model, load_classifier_state
+from carbrand.model import answer_brands, build_model, load_classifier_state
 from carbrand.weights import load_failure_reason, safe_torch_load, strip_wrapper_prefixes
 
 STEP_PATTERN = re.compile(r"^step_(\d+)$")
@@ -46,6 +51,11 @@ class Export:
     state_dict: dict[str, torch.Tensor]
     classes: list[str]
     config: Config
+    car_models: list[CarModel] | None = None  # the head's outputs, when it was trained on car models
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.car_models) if self.car_models is not None else len(self.classes)
 
 
 def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -54,13 +64,21 @@ def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {strip_wrapper_prefixes(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
-def save_export(directory: Path, state_dict: dict[str, torch.Tensor], classes: list[str], config: Config) -> Path:
+def save_export(directory: Path, state_dict: dict[str, torch.Tensor], classes: list[str], config: Config,
+                car_models: list[CarModel] | None = None) -> Path:
     def write(into: Path) -> None:
-        save_file(state_dict, str(into / MODEL_FILE), metadata={"arch": config.model.arch, "num_classes": str(len(classes))})
-        (into / "classes.json").write_text(json.dumps(classes, indent=2, ensure_ascii=False) + "\n")
+        outputs = len(car_models) if car_models is not None else len(classes)
+        save_file(state_dict, str(into / MODEL_FILE), metadata={"arch": config.model.arch, "num_classes": str(outputs)})
+        write_labels(into, classes, car_models)
         save_config(config, into / "config.yaml")
 
     return write_directory_atomically(directory, write)
+
+
+def write_labels(into: Path, classes: list[str], car_models: list[CarModel] | None) -> None:
+    (into / "classes.json").write_text(json.dumps(classes, indent=2, ensure_ascii=False) + "\n")
+    if car_models is not None:
+        (into / CAR_MODELS_FILE).write_text(car_models_json(car_models))
 
 
 def load_export(directory: str | Path) -> Export:
@@ -72,7 +90,7 @@ def load_export(directory: str | Path) -> Export:
     if directory.exists() and not directory.is_dir():
         raise CarbrandError(f"checkpoint {directory} is a file; expected an export directory such as RUN/best")
     try:
-        files = read_directory_consistently(directory, EXPORT_FILES)
+        files = read_directory_consistently(directory, (*EXPORT_FILES, CAR_MODELS_FILE))
     except (FileNotFoundError, NotADirectoryError):
         raise CarbrandError(f"checkpoint not found: {directory} (expected a directory such as RUN/best)") from None
     missing = [name for name in EXPORT_FILES if files[name] is None]
@@ -94,14 +112,22 @@ def load_export(directory: str | Path) -> Export:
     except (yaml.YAMLError, ConfigError, UnicodeDecodeError) as error:
         # YAML errors add a source excerpt after the first line
         raise CarbrandError(f"{directory / 'config.yaml'} is not a valid carbrand config ({first_line(error)})") from None
-    return Export(directory=directory, state_dict=state_dict, classes=classes, config=config)
+    car_models = None
+    if files[CAR_MODELS_FILE] is not None:
+        try:
+            car_models = car_models_from_json(json.loads(files[CAR_MODELS_FILE]), classes, str(directory / CAR_MODELS_FILE))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CarbrandError(f"{directory / CAR_MODELS_FILE} is not valid JSON") from None
+    return Export(directory=directory, state_dict=state_dict, classes=classes, config=config, car_models=car_models)
 
 
 def load_export_model(directory: str | Path) -> tuple[torch.nn.Module, Export]:
-    """The exported classifier, on the CPU in eval mode, checked against its own config."""
+    """The exported classifier, on the CPU in eval mode, checked against its own config; it answers brands."""
     export = load_export(directory)
-    model = build_model(export.config.model.arch, len(export.classes), pretrained="none")
+    model = build_model(export.config.model.arch, export.num_outputs, pretrained="none")
     load_classifier_state(model, export.state_dict, str(export.directory / MODEL_FILE))
+    if export.car_models is not None:
+        answer_brands(model, brand_indices(export.car_models, export.classes), len(export.classes))
     return model.eval(), export
 
 
@@ -130,13 +156,14 @@ def save_training_checkpoint(
     classes: list[str],
     config: Config,
     keep: int,
+    car_models: list[CarModel] | None = None,
 ) -> Path:
     def write(into: Path) -> None:
         save_file(model_state, str(into / MODEL_FILE))
         if ema_state is not None:
             save_file(ema_state, str(into / EMA_FILE))
         torch.save(training_state, into / STATE_FILE)
-        (into / "classes.json").write_text(json.dumps(classes, indent=2, ensure_ascii=False) + "\n")
+        write_labels(into, classes, car_models)
         save_config(config, into / "config.yaml")
 
     existing = step_checkpoints(run_dir)

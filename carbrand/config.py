@@ -24,6 +24,7 @@ from carbrand.errors import ConfigError
 @dataclass
 class DataConfig:
     manifest: str = "demo/prepared"  # directory written by `carbrand prepare --out` (default: where `carbrand demo` writes)
+    labels: str = "brand"  # what the network learns: brand | car_model (each brand's models, summed into it; Stanford Cars)
     loader: str = "auto"  # auto (DALI; torchvision for CPU decode over 4 workers) | dali | torchvision | memory (noise, for benchmarks)
     decode: str = "auto"  # auto (gpu when CUDA is there) | gpu (nvJPEG/HW decoder) | cpu
     image_size: int = 224  # square training crop, pixels (and the evaluation crop unless eval_image_size is set)
@@ -142,6 +143,7 @@ SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.loader": ("auto", "dali", "torchvision", "memory"),
     "data.decode": ("auto", "gpu", "cpu"),
+    "data.labels": ("brand", "car_model"),
     "data.augment": AUGMENT_POLICIES,
     "model.pretrained_key_map": ("auto", "none", *KEY_MAPS),
     "optim.name": ("sgd", "adamw"),

@@ -111,3 +111,32 @@ def load_classifier_state(model: nn.Module, state: dict[str, torch.Tensor], sour
     state = {strip_wrapper_prefixes(k): v for k, v in state.items()}
     check_state_fits(state, model.state_dict(), source)
     model.load_state_dict(state)
+
+
+class BrandsFromCarModels(nn.Module):
+    """Brand logits from car-model logits: the log of the summed probabilities of each brand's models.
+
+    softmax of the result is exactly the car-model softmax summed per brand, so whatever comes after
+    (argmax, temperature scaling, top-k, ONNX) sees an ordinary brand classifier.
+    """
+
+    def __init__(self, brand_of_car_model: list[int], num_brands: int):
+        super().__init__()
+        membership = torch.full((num_brands, len(brand_of_car_model)), float("-inf"))
+        membership[brand_of_car_model, range(len(brand_of_car_model))] = 0.0
+        self.register_buffer("log_membership", membership, persistent=False)  # from car_models.json, not the weights
+
+    def forward(self, car_model_logits: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(car_model_logits.unsqueeze(1) + self.log_membership.to(car_model_logits.dtype), dim=2)
+
+
+def answer_brands(model: nn.Module, brand_of_car_model: list[int], num_brands: int) -> nn.Module:
+    """`model`, trained on car models, with its head followed by BrandsFromCarModels (in place).
+
+    The head is extended rather than the model wrapped: the model keeps its top-level parts, which
+    Grad-CAM searches for the last feature map. Load the weights first: the head's keys gain a `.0`.
+    """
+    parent_name, _, head_name = head_prefix(model).removesuffix(".").rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, head_name, nn.Sequential(getattr(parent, head_name), BrandsFromCarModels(brand_of_car_model, num_brands)))
+    return model

@@ -24,6 +24,7 @@ if __name__ == "__main__" and not __package__:  # the file, given to accelerate 
     rerun_as_module("carbrand.train")  # before any other import: see rerun_as_module
 
 import argparse  # noqa: E402 - after the re-run above, as are the imports below
+import dataclasses
 import datetime
 import hashlib
 import re
@@ -47,6 +48,7 @@ from accelerate.utils import (
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from carbrand.car_models import CAR_MODELS_FILE, CarModel, brand_indices
 from carbrand.checkpoint import (
     EMA_FILE,
     TrainingCheckpoint,
@@ -59,12 +61,12 @@ from carbrand.checkpoint import (
 from carbrand.config import Config, load_config, save_config
 from carbrand.data.loader_base import EvalLoader, TrainLoader
 from carbrand.data.loaders import build_eval_loader, build_train_loader, resolve_backend
-from carbrand.data.manifest import load_prepared
+from carbrand.data.manifest import PreparedDataset, Sample, load_prepared
 from carbrand.errors import CarbrandError, ConfigError, DataError, first_line
 from carbrand.evaluation.calibrate import calibrate_run
 from carbrand.filesystem import check_run_dir_writable
 from carbrand.metrics import confusion_matrix, summarize
-from carbrand.model import build_model, convert_sync_batchnorm, load_classifier_state
+from carbrand.model import BrandsFromCarModels, build_model, convert_sync_batchnorm, load_classifier_state
 from carbrand.precision import input_dtype
 from carbrand.tracking import Tracker
 from carbrand.training.divergence import DivergenceGuard, ScalerSkips
@@ -106,6 +108,8 @@ class Run:
     train_loader: TrainLoader
     val_loader: EvalLoader | None
     classes: list[str]
+    car_models: list[CarModel] | None  # data.labels car_model: the head's outputs, summed into `classes` by `to_brands`
+    to_brands: BrandsFromCarModels | None
     run_dir: Path
     tracker: Tracker
     progress: Progress
@@ -224,6 +228,9 @@ def set_up(config: Config, accelerator: Accelerator, run_lock: RunDirLock | None
     classes, train_samples, val_samples = dataset.classes, dataset.split("train"), dataset.splits.get("val", [])
     if not train_samples:
         raise CarbrandError(f"{dataset.directory}: the train split is empty")
+    car_models = None
+    if config.data.labels == "car_model":  # validation keeps the brands: it scores what users get
+        car_models, train_samples = car_model_samples(train_samples, dataset)
     backend = resolve_backend(config.data, accelerator.device)  # once per run: one notice, one answer
     loader_options = dict(backend=backend, rank=rank, world_size=world_size, device=accelerator.device,
                           dtype=input_dtype(t.precision), channels_last=t.channels_last)
@@ -234,7 +241,8 @@ def set_up(config: Config, accelerator: Accelerator, run_lock: RunDirLock | None
 
     # Model and optimizer. Seeds: base + global rank, so no two ranks draw the same stream.
     set_seed(t.seed + rank)
-    model = build_model(config.model.arch, len(classes), config.model.pretrained, config.model.pretrained_key_map)
+    num_outputs = len(car_models) if car_models is not None else len(classes)
+    model = build_model(config.model.arch, num_outputs, config.model.pretrained, config.model.pretrained_key_map)
     if config.model.sync_batchnorm and world_size > 1:
         model = convert_sync_batchnorm(model)
     if t.channels_last:
@@ -272,7 +280,8 @@ def set_up(config: Config, accelerator: Accelerator, run_lock: RunDirLock | None
 
     tracker = Tracker(run_dir, config, is_main=accelerator.is_main_process)
     accelerator.print(
-        f"carbrand: {len(train_samples)} train / {len(val_samples)} val images, {len(classes)} brands; "
+        f"carbrand: {len(train_samples)} train / {len(val_samples)} val images, {len(classes)} brands"
+        + (f" (learnt as {len(car_models)} car models)" if car_models is not None else "") + "; "
         f"{world_size} process(es) on {accelerator.device.type}; loader {backend.loader} (decode {backend.decode}); "
         f"global batch {global_batch_size}; {total_steps} steps; augment {config.data.augment}; {mixing_summary(t)}"
         + (f"; resumed from {resumed_from} at step {progress.step} (restart {progress.restarts})" if resumed_from else ""))
@@ -280,9 +289,24 @@ def set_up(config: Config, accelerator: Accelerator, run_lock: RunDirLock | None
                  "run/global_batch_size": global_batch_size, "run/total_steps": total_steps}, step=progress.step)
     return Run(config=config, accelerator=accelerator, model=model, unwrapped_model=unwrapped_model, ema_model=ema_model,
                optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
-               classes=classes, run_dir=run_dir, tracker=tracker, progress=progress, total_steps=total_steps,
+               classes=classes, car_models=car_models, to_brands=brand_summer(car_models, classes, accelerator.device),
+               run_dir=run_dir, tracker=tracker, progress=progress, total_steps=total_steps,
                micro_batches_per_epoch=steps_per_epoch * t.grad_accum_steps,
                divergence=DivergenceGuard(accelerator.device), scaler_skips=ScalerSkips(accelerator.scaler))
+
+
+def car_model_samples(samples: list[Sample], dataset: PreparedDataset) -> tuple[list[CarModel], list[Sample]]:
+    """(the dataset's car models, `samples` labelled by car model); a dataset without car models is a config error."""
+    if dataset.car_models is None:
+        raise ConfigError(f"config key 'data.labels': car_model needs a dataset prepared with car models (the stanford-cars "
+                          f"format keeps them); {dataset.directory} has no {CAR_MODELS_FILE}")
+    return dataset.car_models, [dataclasses.replace(sample, label=sample.car_model) for sample in samples]
+
+
+def brand_summer(car_models: list[CarModel] | None, classes: list[str], device: torch.device) -> BrandsFromCarModels | None:
+    if car_models is None:
+        return None
+    return BrandsFromCarModels(brand_indices(car_models, classes), len(classes)).to(device)
 
 
 def make_ema(unwrapped_model, decay: float, checkpoint: TrainingCheckpoint | None, progress: Progress) -> AveragedModel | None:
@@ -457,6 +481,8 @@ def validate(run: Run) -> dict[str, float]:
     with accelerator.autocast():
         for images, labels, _ in run.val_loader:
             logits = model(images).float()
+            if run.to_brands is not None:
+                logits = run.to_brands(logits)
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             confusion += confusion_matrix(logits.argmax(dim=1), labels, num_classes)
     if was_training:
@@ -492,7 +518,7 @@ def validate_and_keep_best(run: Run) -> None:
 def export_model(run: Run) -> None:
     """best/: plain, uncompiled, unwrapped weights (EMA if enabled) + classes + config."""
     if run.accelerator.is_main_process:
-        save_export(run.run_dir / "best", plain_state_dict(run.scored_model), run.classes, run.config)
+        save_export(run.run_dir / "best", plain_state_dict(run.scored_model), run.classes, run.config, run.car_models)
 
 
 def save_checkpoint(run: Run) -> None:
@@ -511,7 +537,8 @@ def save_checkpoint(run: Run) -> None:
         }
         ema = plain_state_dict(run.ema_model.module) if run.ema_model is not None else None
         save_training_checkpoint(run.run_dir, progress.step, plain_state_dict(run.unwrapped_model), ema,
-                                 training_state, run.classes, run.config, keep=run.config.train.keep_checkpoints)
+                                 training_state, run.classes, run.config, keep=run.config.train.keep_checkpoints,
+                                 car_models=run.car_models)
     accelerator.wait_for_everyone()  # nobody exits or resumes before the checkpoint is complete
 
 

@@ -192,3 +192,15 @@ def test_a_download_with_the_wrong_hash_is_refused_and_nothing_is_kept(weights_s
     assert "\n" not in message and url in message and "0123abcd" in message and actual in message, message
     cache = tmp_path / "torch_home" / "hub" / "checkpoints"
     assert list(cache.iterdir()) == [], "the refused download left a file in the cache"
+
+
+def test_brand_logits_give_the_summed_car_model_probabilities_without_overflow():
+    from carbrand.model import BrandsFromCarModels
+
+    brand_of = [0, 2, 2, 1, 2, 0]
+    to_brands = BrandsFromCarModels(brand_of, num_brands=3)
+    logits = torch.randn(8, 6) * 5
+    summed = torch.zeros(8, 3).index_add_(1, torch.tensor(brand_of), logits.softmax(dim=1))
+    assert torch.allclose(to_brands(logits).softmax(dim=1), summed, atol=1e-6)
+    huge = torch.tensor([[1e4, -1e4, 0.0, 3e4, 1.0, 2.0]]).half()  # fp16 under autocast: no inf - inf
+    assert torch.isfinite(to_brands(huge)).all() and to_brands(huge).argmax().item() == 1

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from carbrand.errors import DataError
 from carbrand.prepare.command import prepare_dataset
@@ -191,20 +192,63 @@ def test_crop_regions_of_real_boxes():
     assert "mostly outside the 256x127 image" in crop_region((256, 127), (100, 50, 600, 400))  # another copy's box
 
 
-def test_train_two_processes_then_evaluate_and_predict_on_the_sample(prepared_sample_crops, sample_dir, tmp_path, capsys):
+def test_the_sample_keeps_each_photos_car_model(prepared_sample, sample_dir):
+    """Each row's car_model is its annotation's class ("Make Model Year"), inside the row's make."""
+    _, out = prepared_sample
+    names = read_class_names(sample_dir / "devkit")
+    annotated = {a.fname: names[a.class_index] for a in read_annotations(sample_dir / "devkit" / "cars_train_annos.mat", len(names))}
+    car_models = json.loads((out / "car_models.json").read_text())
+    assert [m["name"] for m in car_models] == sorted(set(annotated.values()))
+    assert all(m["brand"] == make_of(m["name"]) for m in car_models)
+    rows = [row for split in ("train", "val", "test") for row in read_csv(out / f"{split}.csv")]
+    assert len(rows) == SAMPLE_PHOTOS and all(row["car_model"] == annotated[Path(row["path"]).name] for row in rows)
+
+
+def test_train_on_car_models_with_two_processes_then_evaluate_predict_and_export_answer_makes(
+        prepared_sample_crops, sample_dir, tmp_path, capsys):
+    """data.labels car_model: the head has one output per car model; every reader of best/ gets makes, each the sum of
+    its car models' probabilities, and the ONNX export gives the same make logits."""
     import subprocess
     import sys
 
+    import onnxruntime
+    from safetensors.torch import load_file
+
+    from carbrand.checkpoint import load_export_model
+    from carbrand.cli import main
+    from carbrand.data.images import Normalizer, load_rgb
+    from carbrand.data.torch_loader import eval_transform
     from carbrand.inference import predict
+    from carbrand.model import build_model
     from tests.helpers.subprocesses import assert_ok, subprocess_environment
     from tests.helpers.training_runs import read_metrics, run_training
 
     _, prepared = prepared_sample_crops
     run_dir = tmp_path / "run"
     result = run_training(prepared, run_dir, "data.image_size=32", "data.batch_size=16", "train.max_steps=3",
-                          "train.log_every=1", "data.workers=1", num_processes=2)
+                          "data.labels=car_model", "train.log_every=1", "data.workers=1", num_processes=2)
     assert_ok(result)
     assert any(record.get("step") == 3 for record in read_metrics(run_dir))
+    car_models = json.loads((prepared / "car_models.json").read_text())
+    assert json.loads((run_dir / "best" / "car_models.json").read_text()) == car_models
+    head = load_file(str(run_dir / "best" / "model.safetensors"))["fc.weight"]
+    assert head.shape[0] == len(car_models) > 49
+
+    # The make probabilities are the car-model softmax summed per make.
+    model, export = load_export_model(run_dir / "best")
+    network = build_model(export.config.model.arch, len(car_models))
+    network.load_state_dict(load_file(str(run_dir / "best" / "model.safetensors")))
+    photos = [prepared / "crops" / row["path"] for row in read_csv(prepared / "test.csv")[:12]]
+    data = export.config.data
+    normalize = Normalizer(torch.device("cpu"), torch.float32, channels_last=False, mean=data.mean, std=data.std)
+    images = normalize(torch.stack([eval_transform(load_rgb(p), data.eval_size, data.eval_crop_fraction) for p in photos]))
+    with torch.inference_mode():
+        makes = model(images).softmax(dim=1)
+        by_car_model = network.eval()(images).softmax(dim=1)
+    brand_of = torch.tensor([export.classes.index(m["brand"]) for m in car_models])
+    summed = torch.zeros(len(photos), len(export.classes)).index_add_(1, brand_of, by_car_model)
+    assert makes.shape == (len(photos), 49) and torch.allclose(makes, summed, atol=1e-6)
+
     evaluation = subprocess.run([sys.executable, "-m", "carbrand.evaluate", "--checkpoint", str(run_dir / "best"), "--data",
                                  str(prepared), "--split", "test", "--out", str(tmp_path / "eval")],
                                 capture_output=True, text=True, timeout=600, env=subprocess_environment())
@@ -215,3 +259,21 @@ def test_train_two_processes_then_evaluate_and_predict_on_the_sample(prepared_sa
     assert predict.main(["--checkpoint", str(run_dir / "best"), str(photo), "--json", "--topk", "3"]) == 0
     prediction = json.loads(capsys.readouterr().out)["predictions"][0]
     assert len(prediction["topk"]) == 3 and all(entry["brand"] in annotated_makes(sample_dir) for entry in prediction["topk"])
+
+    assert main(["export", "--checkpoint", str(run_dir / "best"), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_logits = torch.as_tensor(session.run(["logits"], {"images": images.numpy()})[0])
+    with torch.inference_mode():
+        assert torch.allclose(onnx_logits, model(images), atol=1e-4)
+
+
+def test_car_model_labels_need_a_dataset_that_has_them(prepared_cars5, tmp_path, capsys):
+    from carbrand.cli import main
+    from tests.helpers.training_runs import CPU_RECIPE
+
+    code = main(["train", "--config", str(CPU_RECIPE), f"data.manifest={prepared_cars5}",
+                 f"output.dir={tmp_path / 'run'}", "data.labels=car_model"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "config key 'data.labels'" in err and f"{prepared_cars5} has no car_models.json" in err
+    assert not (tmp_path / "run").exists()

@@ -1,7 +1,9 @@
 """Reading the prepared dataset on disk (carbrand.prepare.manifest_writer writes it; loaders read it).
 
     classes.json                 ordered brand names; index = label
-    train.csv val.csv test.csv   path,label,brand (path relative to manifest.json's root)
+    train.csv val.csv test.csv   path,label,brand[,car_model] (path relative to manifest.json's root)
+    car_models.json              optional (Stanford Cars): ordered [{"name", "brand"}], the finer classes that the
+                                 car_model column names ("Audi R8 Coupe 2012"), each inside one brand
     manifest.json                source, root, seed, fractions, counts, rejections, duplicates
 
 Reading validates everything a loader would otherwise trip over hours later: the
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from carbrand.car_models import CAR_MODELS_FILE, CarModel, read_car_models
 from carbrand.errors import DataError
 
 FORMAT_VERSION = 1
@@ -29,6 +32,7 @@ class Sample:
     path: Path  # absolute path of the image file
     label: int  # index into classes
     brand: str  # classes[label], kept for readable CSVs and error messages
+    car_model: int | None = None  # index into car_models.json, where the dataset has one
 
 
 @dataclass
@@ -38,6 +42,7 @@ class PreparedDataset:
     classes: list[str]
     splits: dict[str, list[Sample]]
     info: dict[str, Any] = field(default_factory=dict)  # the whole manifest.json
+    car_models: list[CarModel] | None = None  # the finer labels, where prepare kept them (Stanford Cars)
 
     def split(self, name: str) -> list[Sample]:
         if name not in self.splits:
@@ -121,10 +126,12 @@ def load_prepared(directory: str | Path) -> PreparedDataset:
         )
     root = dataset_root(directory, info)
     classes = _read_classes(directory / "classes.json")
-    splits = {name: _read_split(directory / f"{name}.csv", root, classes) for name in SPLITS if (directory / f"{name}.csv").is_file()}
+    car_models = read_car_models(directory / CAR_MODELS_FILE, classes) if (directory / CAR_MODELS_FILE).is_file() else None
+    splits = {name: _read_split(directory / f"{name}.csv", root, classes, car_models)
+              for name in SPLITS if (directory / f"{name}.csv").is_file()}
     if not splits.get("train") and not splits.get("test"):
         raise DataError(f"{directory}: no samples in any split")
-    return PreparedDataset(directory=directory, root=root, classes=classes, splits=splits, info=info)
+    return PreparedDataset(directory=directory, root=root, classes=classes, splits=splits, info=info, car_models=car_models)
 
 
 def _read_classes(path: Path) -> list[str]:
@@ -141,8 +148,9 @@ def _read_classes(path: Path) -> list[str]:
     return classes
 
 
-def _read_split(path: Path, root: Path, classes: list[str]) -> list[Sample]:
+def _read_split(path: Path, root: Path, classes: list[str], car_models: list[CarModel] | None) -> list[Sample]:
     samples, guard = [], RootGuard(root)
+    car_model_index = {m.name: i for i, m in enumerate(car_models or [])}
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or not {"path", "label", "brand"} <= set(reader.fieldnames):
@@ -159,5 +167,19 @@ def _read_split(path: Path, root: Path, classes: list[str]) -> list[Sample]:
                 raise DataError(f"{where}: brand {row['brand']!r} does not match classes.json[{label}] = {classes[label]!r}")
             image = safe_relative_path(root, row["path"], where)
             guard.check(image, row["path"], where)
-            samples.append(Sample(path=image, label=label, brand=row["brand"]))
+            samples.append(Sample(path=image, label=label, brand=row["brand"],
+                                  car_model=_car_model(row, car_models, car_model_index, where)))
     return samples
+
+
+def _car_model(row: dict[str, str], car_models: list[CarModel] | None, index: dict[str, int], where: str) -> int | None:
+    if car_models is None:
+        return None
+    name = row.get("car_model")
+    if name is None:
+        raise DataError(f"{where}: no car_model column, though {CAR_MODELS_FILE} lists car models")
+    if name not in index:
+        raise DataError(f"{where}: car model {name!r} is not in {CAR_MODELS_FILE}")
+    if car_models[index[name]].brand != row["brand"]:
+        raise DataError(f"{where}: car model {name!r} belongs to {car_models[index[name]].brand!r}, not {row['brand']!r}")
+    return index[name]

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from carbrand.car_models import CarModel
 from carbrand.data.manifest import SPLITS, Sample
 from carbrand.errors import DataError, UsageError
 from carbrand.prepare.duplicates import DEFAULT_NEAR_DUPLICATE_DISTANCE, duplicate_groups
@@ -129,7 +130,8 @@ def prepare_dataset(source: str | Path, out: str | Path, options: PrepareOptions
         print(f"carbrand prepare: warning: {warning}", file=sys.stderr)
 
     root = out / CROPS_FOLDER if options.crop_boxes else found.root
-    splits = _samples(items, tasks, accepted, plan, classes, options.crop_boxes)
+    car_models = _car_models(items)
+    splits = _samples(items, tasks, accepted, plan, classes, car_models, options.crop_boxes)
     counts = {name: {brand: 0 for brand in classes} | Counter(s.brand for s in splits[name]) for name in SPLITS}
     leaks = [_leak_entry(found, checks, leak) for leak in plan.leaks]
     summary = PrepareSummary(
@@ -147,7 +149,7 @@ def prepare_dataset(source: str | Path, out: str | Path, options: PrepareOptions
     )
     timings = {"scan_s": scanned - started, "verify_s": verified.seconds, "duplicates_s": duplicates_seconds, "total_s": time.perf_counter() - started}
     summary.manifest = _manifest(summary, options, found, source, checks, given_split, test_frac, leaks, timings)
-    write_prepared(out, root, classes, splits, summary.manifest)
+    write_prepared(out, root, classes, splits, summary.manifest, car_models)
     if cache is not None:
         cache.compact()
     if not options.quiet:
@@ -237,17 +239,28 @@ def _lost_brand_warnings(found: Source, classes: list[str]) -> list[str]:
     return [f"brand {brand!r} dropped: every one of its images was rejected" for brand in lost]
 
 
-def _samples(items: list[SourceItem], tasks: list[VerifyTask], accepted: list[int], plan: SplitPlan, classes: list[str], crop_boxes: bool) -> dict[str, list[Sample]]:
+def _samples(items: list[SourceItem], tasks: list[VerifyTask], accepted: list[int], plan: SplitPlan, classes: list[str],
+             car_models: list[CarModel] | None, crop_boxes: bool) -> dict[str, list[Sample]]:
     label = {brand: index for index, brand in enumerate(classes)}
+    car_model_index = {m.name: index for index, m in enumerate(car_models or [])}
     splits: dict[str, list[Sample]] = {name: [] for name in SPLITS}
     for local, (item, split) in enumerate(zip(items, plan.splits)):
         if split is None:
             continue
         path = tasks[accepted[local]].crop_path if crop_boxes else item.path
-        splits[split].append(Sample(path=path, label=label[item.brand], brand=item.brand))
+        splits[split].append(Sample(path=path, label=label[item.brand], brand=item.brand,
+                                    car_model=car_model_index.get(item.car_model)))
     for samples in splits.values():
         samples.sort(key=lambda sample: (sample.label, sample.path))
     return splits
+
+
+def _car_models(items: list[SourceItem]) -> list[CarModel] | None:
+    """The car models of the kept images, sorted by name (Stanford Cars); None for a source without them."""
+    if not any(item.car_model for item in items):
+        return None
+    brands = {item.car_model: item.brand for item in items}
+    return [CarModel(name=name, brand=brands[name]) for name in sorted(brands)]
 
 
 def _leak_entry(found: Source, checks: list[ImageCheck], leak: Leak) -> dict[str, Any]:

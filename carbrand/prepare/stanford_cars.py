@@ -1,4 +1,4 @@
-"""The Stanford Cars devkit: 196 "Make Model Year" classes reduced to their 49 makes.
+"""The Stanford Cars devkit: 196 "Make Model Year" classes reduced to their 49 makes, each image keeping its class.
 
     DEVKIT/cars_meta.mat                    class_names: 196 strings, e.g. "Aston Martin V8 Vantage Coupe 2012"
     DEVKIT/cars_train_annos.mat             8,144 labelled annotations (bbox_x1..bbox_y2, class, fname)
@@ -143,6 +143,7 @@ def _item(folder: Path, annotation: Annotation, class_names: list[str], split: s
         brand=make_of(class_names[annotation.class_index]),
         given_split=split,
         box=annotation.box,
+        car_model=class_names[annotation.class_index],
     )
 
 

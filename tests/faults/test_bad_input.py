@@ -52,6 +52,8 @@ CASES = [
     ("train", "missing dataset", TRAIN + " data.manifest={missing}", 1, "{missing}"),
     ("train", "empty dataset", TRAIN + " data.manifest={empty_dataset}", 1, "no samples"),
     ("train", "manifest from an older format", TRAIN + " data.manifest={old_manifest}", 1, "format_version 0"),
+    ("train", "car model of an unknown brand", TRAIN + " data.manifest={car_model_of_no_brand}", 1,
+     "{car_model_of_no_brand}/car_models.json: brand(s) 'tesla' are not in classes.json"),
     ("train", "resume: missing checkpoint", TRAIN + " train.resume={missing}", 2, "{missing}"),
     ("train", "resume: another architecture", TRAIN + " train.resume={checkpoint_resnet34}", 1, "does not fit"),
     ("train", "resume: another number of brands", TRAIN + " train.resume={checkpoint_6_brands}", 1, "does not fit"),
@@ -85,6 +87,8 @@ CASES = [
     ("predict", "not a checkpoint", "predict --checkpoint {not_an_export} {photo}", 1, "not a valid safetensors file"),
     ("predict", "checkpoint is a file", "predict --checkpoint {a_file} {photo}", 1, "{a_file}"),
     ("predict", "export config: unknown key", PREDICT.replace("{export}", "{export_unknown_key}"), 1, "carbrand config"),
+    ("predict", "export's car models are not JSON", PREDICT.replace("{export}", "{export_car_models_junk}"), 1,
+     "{export_car_models_junk}/car_models.json is not valid JSON"),
     ("predict", "impossible value", PREDICT + " --topk 0", 2, "--topk"),
     ("predict", "wrong type", PREDICT + " --topk three", 2, "--topk"),
     ("bench", "missing dataset", BENCH_DATA.replace("{prepared}", "{missing}"), 1, "{missing}"),
@@ -137,6 +141,9 @@ def inputs(prepared_cars5, cars5_dir, tmp_path_factory) -> dict[str, str]:
         manifest = json.loads((d / "manifest.json").read_text())
         (d / "manifest.json").write_text(json.dumps(manifest | {"format_version": 0}))
 
+    def car_model_of_no_brand(d):
+        (d / "car_models.json").write_text(json.dumps([{"name": "Tesla Model S Sedan 2012", "brand": "tesla"}]))
+
     def no_samples(d):
         for split in ("train", "val", "test"):
             (d / f"{split}.csv").write_text("path,label,brand\n")
@@ -153,6 +160,8 @@ def inputs(prepared_cars5, cars5_dir, tmp_path_factory) -> dict[str, str]:
     (export_unknown_key / "config.yaml").write_text((export_unknown_key / "config.yaml").read_text() + "colour: red\n")
     not_an_export = Path(write_export(work / "not_an_export", brands=CARS5))
     (not_an_export / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    export_car_models_junk = Path(write_export(work / "export_car_models_junk", brands=CARS5))
+    (export_car_models_junk / "car_models.json").write_text("[{\"name\": ")
     junk = Path(write_training_checkpoint(work / "checkpoint_junk", build_model("resnet18", 5), {}))
     (junk / "training_state.pt").write_bytes(b"not a torch file")
     return {
@@ -166,6 +175,7 @@ def inputs(prepared_cars5, cars5_dir, tmp_path_factory) -> dict[str, str]:
         "prepared": str(prepared_cars5),
         "empty_dataset": copy_prepared(prepared_cars5, work / "empty_dataset", no_samples),
         "old_manifest": copy_prepared(prepared_cars5, work / "old_manifest", old_format),
+        "car_model_of_no_brand": copy_prepared(prepared_cars5, work / "car_model_of_no_brand", car_model_of_no_brand),
         "photo": str(sorted((cars5_dir / "test" / "audi").iterdir())[0]),
         "export": write_export(work / "export", brands=CARS5),
         "export_resnet34_config": write_export(work / "export_resnet34_config", brands=CARS5, arch="resnet34"),
@@ -173,6 +183,7 @@ def inputs(prepared_cars5, cars5_dir, tmp_path_factory) -> dict[str, str]:
         "export_4_brands": write_export(work / "export_4_brands", brands=CARS5[:4]),
         "export_unknown_key": str(export_unknown_key),
         "not_an_export": str(not_an_export),
+        "export_car_models_junk": str(export_car_models_junk),
         "checkpoint_resnet34": write_training_checkpoint(work / "checkpoint_resnet34", resnet34, {"progress": progress}),
         "checkpoint_6_brands": write_training_checkpoint(work / "checkpoint_6_brands", six_way, {"progress": progress}),
         "checkpoint_sgd": write_training_checkpoint(
