@@ -3,8 +3,8 @@
 One short run of configs/cars5_finetune_cpu.yaml (cars5 at 64 px, evaluated at 96, a few steps, EMA on):
 the head-only warm-up leaves the backbone as loaded, frozen BatchNorm keeps ImageNet's running statistics,
 the backbone learns at optim.backbone_lr_scale of the head's rate; then evaluate (at the eval resolution),
-predict with a Grad-CAM overlay, and an ONNX export whose contract carries the eval size and normalisation
-and whose logits match PyTorch's.
+predict with a Grad-CAM overlay, an ONNX export whose contract carries the eval size and normalisation
+and whose logits match PyTorch's, and `carbrand serve` answering as predict does.
 """
 
 from __future__ import annotations
@@ -110,3 +110,21 @@ def test_evaluate_predict_and_export_take_the_fine_tuned_export(finetuned, prepa
     session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
     logits = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: images.contiguous().numpy()})[0])
     assert (logits - reference).abs().max().item() <= 1e-4
+
+
+def test_serve_answers_as_predict_does_with_the_fine_tuned_export(finetuned, cars5_dir, tmp_path):
+    from carbrand.bench.http_client import FilePart
+    from carbrand.inference.predict import Predictor
+    from tests.helpers.serving import serving
+
+    run_dir, _ = finetuned
+    photos = [sorted((cars5_dir / "test" / brand).iterdir())[0] for brand in ("ferrari", "mercedes")]
+    expected = Predictor.from_checkpoint(run_dir / "best", device="cpu").predict(photos, topk=3)
+    with serving(run_dir / "best", tmp_path) as server:
+        client = server.client()
+        assert client.get("/v1/model").json()["architecture"] == "tf_efficientnet_lite0"
+        answer = client.predict([FilePart(p.name, p.read_bytes()) for p in photos], topk=3)
+    assert answer.status == 200, answer.body
+    for served, local in zip(answer.json()["predictions"], expected):
+        assert [b["brand"] for b in served["topk"]] == [b.brand for b in local.topk]
+        assert served["topk"][0]["probability"] == pytest.approx(local.probability, abs=1e-5)
