@@ -77,7 +77,7 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 10  # passes over the training split
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
-    precision: str = "bf16"  # no | bf16 | fp16 (fp16 uses a grad scaler)
+    precision: str = "auto"  # auto (bf16 on a GPU with bf16, else fp16; fp32 on a CPU) | no | bf16 | fp16 (grad scaler)
     fp16_init_scale: float = 65536.0  # fp16: the grad scaler's first loss scale (2**16); halved at every skipped step
     channels_last: bool = True  # NHWC model and inputs (faster convolutions on tensor cores)
     seed: int = 0  # base seed; each rank uses seed + global rank for augmentation
@@ -131,8 +131,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # model.pretrained_key_map: the names of weights.KEY_MAPS (tests/test_pretrained.py holds them equal).
 KEY_MAPS = ("efficientnet_pytorch",)
-# train.precision: what each means in torch is carbrand/precision.py's table.
-PRECISIONS = ("no", "bf16", "fp16")
+# train.precision: what each means in torch, and what auto becomes on which hardware, is carbrand/precision.py's table.
+PRECISIONS = ("auto", "no", "bf16", "fp16")
 # data.augment: the loaders implement each (data/augment_policies.py for torchvision, data/dali_augment.py for DALI).
 # The names live here so that reading a config imports neither torch nor the loaders.
 AUGMENT_POLICIES = ("none", "trivial", "randaugment", "autoaugment")

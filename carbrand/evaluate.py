@@ -59,7 +59,7 @@ from carbrand.evaluation import calibration_report, report
 from carbrand.evaluation.html_report import Explainer, build_gallery
 from carbrand.evaluation.report import SampleRecord, check_output_directory, default_out_dir
 from carbrand.inference.calibration import calibrated_probabilities, load_calibration, resolve_min_confidence
-from carbrand.inference.classifier import PRECISIONS, place_model, predict_batches, resolve_precision
+from carbrand.inference.classifier import PRECISIONS, inference_precision, place_model, predict_batches
 from carbrand.inference.gradcam import explain
 from carbrand.precision import input_dtype
 from carbrand.prepare.command import prepare_dataset
@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         data_config = dataclasses.replace(export.config.data, manifest=str(args.data), **overrides)
         device = accelerator.device
         backend = resolve_backend(data_config, device)  # once: one notice, one answer
-        precision = resolve_precision(args.precision, export.config.train.precision, device)
+        precision = inference_precision(args.precision, export.config.train.precision, device)
         channels_last = export.config.train.channels_last
         model = place_model(model, device, channels_last)
         loader = build_eval_loader(data_config, samples, backend=backend, rank=accelerator.process_index,

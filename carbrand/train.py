@@ -7,9 +7,10 @@
     torchrun --nproc-per-node 8 carbrand/train.py --config configs/stanford_cars.yaml
     python -m carbrand.train --config configs/demo.yaml      (same as `carbrand train --config ...`)
 
-Reads top to bottom: config -> accelerator -> data -> model -> optimizer -> schedule ->
-resume -> prepare -> EMA -> tracker (`set_up`), then `train_loop` (step; at sync points the
-finiteness check, log, stop request, validation, checkpoint), then the export.
+Reads top to bottom: config (its precision auto resolved for this machine) -> accelerator ->
+data -> model -> optimizer -> schedule -> resume -> prepare -> EMA -> tracker (`set_up`), then
+`train_loop` (step; at sync points the finiteness check, log, stop request, validation,
+checkpoint), then the export.
 
 The ranks hold one model: DDP keeps the weights equal, `synchronize_buffers` the BatchNorm
 statistics (each rank's follow its own shard) before anything is validated, saved or exported,
@@ -67,7 +68,7 @@ from carbrand.evaluation.calibrate import calibrate_run
 from carbrand.filesystem import check_run_dir_writable
 from carbrand.metrics import confusion_matrix, summarize
 from carbrand.model import BrandsFromCarModels, build_model, convert_sync_batchnorm, load_classifier_state
-from carbrand.precision import input_dtype
+from carbrand.precision import PrecisionChoice, choose_precision, cpu_bf16_warning, input_dtype
 from carbrand.tracking import Tracker
 from carbrand.training.divergence import DivergenceGuard, ScalerSkips
 from carbrand.training.heartbeat import Heartbeat
@@ -141,8 +142,9 @@ def run(args: argparse.Namespace) -> int:
 
 def make_accelerator(config: Config) -> Accelerator:
     t = config.train
+    assert t.precision != "auto", "train.precision is resolved before the Accelerator is made (train does)"
     if t.precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("config key 'train.precision' is fp16, which needs a CUDA GPU; use bf16 or no on a CPU")
+        raise ConfigError("config key 'train.precision' is fp16, which needs a CUDA GPU; use auto or no on a CPU")
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = t.cudnn_benchmark  # fixed input shapes: autotune once
         torch.backends.cuda.matmul.allow_tf32 = t.tf32
@@ -156,7 +158,7 @@ def make_accelerator(config: Config) -> Accelerator:
     ]
     if t.precision == "fp16":
         handlers.append(GradScalerKwargs(init_scale=t.fp16_init_scale))
-    return Accelerator(
+    accelerator = Accelerator(
         # without cpu=True, processes launched on a GPU-less host do not join one gloo group
         cpu=not torch.cuda.is_available(),
         mixed_precision=t.precision,
@@ -165,9 +167,14 @@ def make_accelerator(config: Config) -> Accelerator:
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if config.model.compile else None,
         step_scheduler_with_optimizer=False,
     )
+    warning = cpu_bf16_warning(t.precision, accelerator.device)
+    if warning and accelerator.is_main_process:  # once per run, not once per rank
+        print(warning)
+    return accelerator
 
 
 def train(config: Config, force_unlock: bool = False) -> int:
+    config, precision = with_resolved_precision(config)
     accelerator = make_accelerator(config)
     heartbeat = Heartbeat(accelerator.process_index, accelerator.num_processes)
     # Installed for the whole run: the SIGTERM a launcher sends survivors when a peer dies is then
@@ -175,7 +182,7 @@ def train(config: Config, force_unlock: bool = False) -> int:
     stop_request = StopRequest(deadline_s=config.train.stop_deadline_s, run_dir=Path(config.output.dir))
     run_lock = RunDirLock(Path(config.output.dir), force=force_unlock)  # taken by set_up before the first write
     try:
-        return train_with(config, accelerator, stop_request, run_lock)
+        return train_with(config, accelerator, stop_request, run_lock, precision=precision)
     except RuntimeError as error:
         # A collective failed (a peer's connection reset) or timed out: name the lost rank in one line.
         lost = heartbeat.describe_lost_peers() if accelerator.num_processes > 1 else None
@@ -191,8 +198,22 @@ def train(config: Config, force_unlock: bool = False) -> int:
         heartbeat.stop()
 
 
-def train_with(config: Config, accelerator: Accelerator, stop_request: StopRequest, run_lock: RunDirLock | None = None) -> int:
-    run = set_up(config, accelerator, run_lock)
+def with_resolved_precision(config: Config) -> tuple[Config, PrecisionChoice]:
+    """The config with train.precision auto replaced by what this machine trains in (no | bf16 | fp16), and why.
+
+    Once per run, before anything reads it: Accelerate, the loaders, the run's config.yaml, W&B, every
+    checkpoint and the export all hold the resolved name, never auto. A saved config is the one in effect,
+    and an export's precision is what its weights were trained in, which evaluate and predict reuse on a GPU
+    (`--precision auto`); an export whose config says auto would leave them to guess.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the device make_accelerator picks
+    precision = choose_precision(config.train.precision, device)
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision.name)), precision
+
+
+def train_with(config: Config, accelerator: Accelerator, stop_request: StopRequest, run_lock: RunDirLock | None = None,
+               *, precision: PrecisionChoice) -> int:
+    run = set_up(config, accelerator, run_lock, precision=precision)
     exit_code = 1  # what W&B records if the loop raises
     try:
         exit_code = train_loop(run, stop_request)
@@ -214,7 +235,7 @@ def train_with(config: Config, accelerator: Accelerator, stop_request: StopReque
     return exit_code
 
 
-def set_up(config: Config, accelerator: Accelerator, run_lock: RunDirLock | None = None) -> Run:
+def set_up(config: Config, accelerator: Accelerator, run_lock: RunDirLock | None = None, *, precision: PrecisionChoice) -> Run:
     """Data -> model -> optimizer -> schedule -> resume -> lock -> prepare -> EMA -> tracker, in that order.
 
     Every input, the resume checkpoint included, is read and checked before the run
@@ -283,7 +304,8 @@ def set_up(config: Config, accelerator: Accelerator, run_lock: RunDirLock | None
         f"carbrand: {len(train_samples)} train / {len(val_samples)} val images, {len(classes)} brands"
         + (f" (learnt as {len(car_models)} car models)" if car_models is not None else "") + "; "
         f"{world_size} process(es) on {accelerator.device.type}; loader {backend.loader} (decode {backend.decode}); "
-        f"global batch {global_batch_size}; {total_steps} steps; augment {config.data.augment}; {mixing_summary(t)}"
+        f"global batch {global_batch_size}; {total_steps} steps; precision {precision}; augment {config.data.augment}; "
+        f"{mixing_summary(t)}"
         + (f"; resumed from {resumed_from} at step {progress.step} (restart {progress.restarts})" if resumed_from else ""))
     tracker.log({"run/restarts": progress.restarts, "run/world_size": world_size,
                  "run/global_batch_size": global_batch_size, "run/total_steps": total_steps}, step=progress.step)

@@ -4,6 +4,7 @@ or killed bench, or a GPU-check step past its time limit, leaves no process behi
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from PIL import Image
 
 from carbrand.bench.photo_set import build_photo_set, describe
+from carbrand.bench.train_throughput import variants
 from carbrand.data.manifest import load_prepared
 from tests.helpers.paths import REPO
 from tests.helpers.subprocesses import assert_ok, subprocess_environment
@@ -92,6 +95,14 @@ def test_bench_train_runs_real_memory_and_bare_and_pairs_them(prepared_cars5, tm
         rates["real"]["images_per_second"] / rates["memory"]["images_per_second"], rel=1e-2)
     assert pairs["product loop / bare loop"] == pytest.approx(
         rates["memory"]["images_per_second"] / rates["bare"]["images_per_second"], rel=1e-2)
+
+
+def test_bench_train_measures_auto_as_the_precision_the_trainer_would_pick(monkeypatch):
+    """On a CPU auto is fp32: `--precisions auto,no` is one variant, named no in every worker and in the report."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = argparse.Namespace(precisions="auto,no", channels_last="on", compile="off", measure="memory,bare",
+                              config=str(CPU_RECIPE), overrides=[], warmup_steps=1, steps=1)
+    assert [(v["precision"], v["measure"]) for v in variants(args)] == [("no", "memory"), ("no", "bare")]
 
 
 @pytest.mark.parametrize("args, message, exit_code", [

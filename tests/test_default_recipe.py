@@ -6,17 +6,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from carbrand.config import Config, load_config, safe_yaml_load
 from carbrand.demo.command import DEFAULT_OUT, PREPARED_FOLDER
+from carbrand.precision import choose_precision, resolve_precision
 from carbrand.train import DEFAULT_RECIPE
 from tests.helpers.paths import REPO
 from tests.helpers.subprocesses import assert_ok, subprocess_environment
 
 TRAIN_SCRIPT = REPO / "carbrand" / "train.py"
 DEMO_MANIFEST = (DEFAULT_OUT / PREPARED_FOLDER).as_posix()
-# The default recipe is a ResNet-50 at 224 px; the test keeps its data path and trains a tiny model one step.
+# The default recipe is a ResNet-50 at 224 px; the test keeps its data path and precision and trains a tiny model one step.
 TINY = ("model.arch=resnet18", "data.image_size=32", "data.batch_size=8", "data.workers=1", "train.max_steps=1",
-        "train.precision=no", "output.dir=run", "wandb.mode=disabled")
+        "output.dir=run", "wandb.mode=disabled")
 
 
 def accelerate_launch(cwd: Path, *arguments: str) -> subprocess.CompletedProcess:
@@ -42,6 +45,14 @@ def test_the_bare_command_trains_on_the_demo_data(tmp_path):
     saved = safe_yaml_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["data"]["manifest"] == DEMO_MANIFEST and saved["optim"]["name"] == "sgd"  # default.yaml's optimizer
     assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+    # default.yaml's precision is auto; the start line says what it became here, and every config the run wrote holds that
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert f"; precision {choose_precision('auto', device)};" in result.stdout, result.stdout[-3000:]
+    written = sorted((tmp_path / "run").rglob("config.yaml"))  # the run's, each checkpoint's, best/'s
+    assert {"run/config.yaml", "run/best/config.yaml"} <= {p.relative_to(tmp_path).as_posix() for p in written}
+    assert len(written) >= 3, written  # and the checkpoint's
+    for path in written:
+        assert safe_yaml_load(path.read_text())["train"]["precision"] == resolve_precision("auto", device) != "auto", path
 
 
 def test_the_bare_command_without_the_demo_data_says_how_to_make_it(tmp_path):

@@ -142,6 +142,21 @@ def test_wandb_offline_run_holds_the_logged_values(prepared_cars5, tmp_path):
         assert "x" * 40 not in saved.read_text()  # the API key never lands in the run directory
 
 
+def test_bf16_on_a_cpu_without_native_bf16_warns_once_per_run(prepared_cars5, tmp_path):
+    """Two ranks, logging every step, on a CPU that reports no bf16 instructions: one warning line in all their output.
+    The run goes on in bf16 to its end, the calibration fit included (the val loader hands it bf16 images)."""
+    run_dir = tmp_path / "run"
+    result = run_training(prepared_cars5, run_dir, *TINY, "train.precision=bf16", "train.max_steps=2", "train.log_every=1",
+                          num_processes=2, env=fault_environment(), script=HELPERS / "cpu_without_bf16_train.py")
+    assert_ok(result)
+    output = (result.stdout + result.stderr).splitlines()
+    warnings = [line for line in output if "without native bf16" in line]
+    assert len(warnings) == 1, "\n".join(warnings) or result.stdout[-3000:]
+    assert warnings[0].startswith("carbrand: warning: train.precision=bf16") and "train.precision=auto" in warnings[0]
+    assert any("precision bf16 (as set)" in line for line in output), result.stdout[-3000:]
+    assert (run_dir / "best" / "calibration.json").is_file()
+
+
 def test_missing_dataset_is_one_line_error(tmp_path):
     result = run_training(tmp_path / "nowhere", tmp_path / "run")
     assert result.returncode == 1

@@ -33,7 +33,7 @@ from carbrand.config import AUGMENT_POLICIES, PRECISIONS, DataConfig
 from carbrand.data.loaders import Backend, build_eval_loader, build_train_loader, dali_available
 from carbrand.data.manifest import load_prepared
 from carbrand.errors import UsageError
-from carbrand.precision import input_dtype
+from carbrand.precision import input_dtype, resolve_precision
 
 BACKENDS = {"dali-gpu": Backend("dali", "gpu"), "dali-cpu": Backend("dali", "cpu"), "torchvision": Backend("torchvision", "cpu")}
 PIPELINES = ("train", "eval")
@@ -116,7 +116,7 @@ def run_data_benchmark(args) -> dict:
     pipelines = ["train"] if args.epochs else args.pipelines.split(",")  # epoch boundaries are the train loader's
     if any(p not in PIPELINES for p in pipelines):
         raise UsageError(f"--pipelines takes {', '.join(PIPELINES)}; got {args.pipelines!r}")
-    precision = args.precision or ("bf16" if device.type == "cuda" else "no")
+    precision = resolve_precision(args.precision, device)  # the dtype the trainer's loaders would hand over here
     manifests = [Path(args.manifest)] if not args.photo_sizes or args.include_original else []
     for width, height in args.photo_sizes:
         out = Path(args.work_dir) / f"{Path(args.manifest).resolve().parent.name}-{width}x{height}-x{args.copies}"
@@ -196,8 +196,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prefetch", type=int, default=2, help="prefetch depth, batches (default 2)")
     parser.add_argument("--hw-decoder-load", type=float, default=DataConfig.hw_decoder_load,
                         help=f"dali-gpu: share of images for the hardware JPEG decoder (default {DataConfig.hw_decoder_load})")
-    parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="output dtype as the trainer would ask (default bf16 on a GPU, no on a CPU)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="output dtype as the trainer would ask (default auto: bf16 on a GPU with bf16, "
+                             "fp16 on one without, no on a CPU)")
     parser.add_argument("--batches", type=int, default=20, help="timed batches per loader (default 20)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="measurements per loader, interleaved across loaders; the median is kept (default 1)")

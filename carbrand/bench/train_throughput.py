@@ -35,6 +35,7 @@ from carbrand.bench.data_throughput import device_name
 from carbrand.bench.train_worker import RESULT_PREFIX
 from carbrand.config import PRECISIONS, load_config
 from carbrand.errors import CarbrandError, UsageError
+from carbrand.precision import resolve_precision
 
 ON_OFF = {"on": True, "off": False}
 GRACE_SECONDS = 5.0  # a worker asked to stop (SIGTERM) gets this long before SIGKILL: it holds the GPU
@@ -76,9 +77,12 @@ def parse_list(text: str, allowed: tuple[str, ...], option: str) -> list[str]:
 
 
 def variants(args) -> list[dict]:
-    precisions = parse_list(args.precisions, PRECISIONS, "--precisions")
-    if "fp16" in precisions and not torch.cuda.is_available():
-        raise UsageError("--precisions fp16 needs a CUDA GPU (the trainer refuses fp16 on a CPU); use no or bf16")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # auto resolved here, as the trainer would: every worker and the report name what was measured
+    requested = parse_list(args.precisions, PRECISIONS, "--precisions")
+    precisions = list(dict.fromkeys(resolve_precision(precision, device) for precision in requested))  # CPU: auto,no is one
+    if "fp16" in precisions and device.type != "cuda":
+        raise UsageError("--precisions fp16 needs a CUDA GPU (the trainer refuses fp16 on a CPU); use auto, no or bf16")
     layouts = parse_list(args.channels_last, tuple(ON_OFF), "--channels-last")
     compiles = parse_list(args.compile, tuple(ON_OFF), "--compile")
     modes = parse_list(args.measure, ("real", "memory", "bare"), "--measure")
@@ -179,7 +183,9 @@ def comparisons(results: list[dict]) -> list[dict]:
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="training recipe, e.g. configs/cars5_cpu.yaml")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    parser.add_argument("--precisions", default="bf16", help="comma list of no, bf16, fp16 (default bf16)")
+    parser.add_argument("--precisions", default="auto",
+                        help="comma list of auto, no, bf16, fp16 (default auto: bf16 on a GPU with bf16, fp16 on one "
+                             "without, no on a CPU)")
     parser.add_argument("--channels-last", default="on", help="on, off or on,off (default on)")
     parser.add_argument("--compile", default="off", help="on, off or off,on (default off)")
     parser.add_argument("--measure", default="real,memory,bare",

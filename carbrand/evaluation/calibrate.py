@@ -29,7 +29,7 @@ from carbrand.data.loaders import build_eval_loader, resolve_backend
 from carbrand.data.manifest import load_prepared
 from carbrand.errors import DataError, UsageError
 from carbrand.inference.calibration import KEEP_KNOWN_SHARE, Calibration, fit_calibration, save_calibration
-from carbrand.inference.classifier import classify, place_model, resolve_precision
+from carbrand.inference.classifier import classify, inference_precision, place_model
 from carbrand.precision import input_dtype
 
 
@@ -96,7 +96,8 @@ def calibrate_run(run) -> AgreedCalibration | None:
     export_dir = run.run_dir / "best"
     if run.val_loader is None or not export_dir.is_dir():
         return None
-    precision = resolve_precision("auto", run.config.train.precision, run.accelerator.device)
+    # the val loader hands images over in the training precision's dtype (bf16 images need bf16 autocast on a CPU too)
+    precision = run.config.train.precision
     agreed = calibrate_export(run.accelerator, export_dir, run.val_loader, torch.arange(len(run.classes)), precision)
     run.tracker.log(calibration_metrics(agreed), step=run.progress.step)
     run.accelerator.print(f"carbrand: calibrated best/: {describe(agreed.calibration)}")
@@ -147,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     data_config = dataclasses.replace(export.config.data, manifest=str(args.data), **overrides)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
-    precision = resolve_precision("auto", export.config.train.precision, device)
+    precision = inference_precision("auto", export.config.train.precision, device)
     loader = build_eval_loader(data_config, samples, backend=resolve_backend(data_config, device), rank=accelerator.process_index,
                                world_size=accelerator.num_processes, device=device, dtype=input_dtype(precision),
                                channels_last=export.config.train.channels_last)

@@ -14,21 +14,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from carbrand.config import PRECISIONS as TRAINING_PRECISIONS
+# --precision takes train.precision's names: auto | no | bf16 | fp16
+from carbrand.config import PRECISIONS
 from carbrand.errors import UsageError
-from carbrand.precision import autocast
-
-PRECISIONS = ("auto", *TRAINING_PRECISIONS)
+from carbrand.precision import autocast, resolve_precision
 
 
-def resolve_precision(precision: str, trained_precision: str, device: torch.device) -> str:
-    """`auto`: the precision the model was trained in on a GPU, full fp32 on the CPU (where
-    reduced-precision autocast is slower, not faster)."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    if precision != "auto":
-        return precision
-    return trained_precision if device.type == "cuda" else "no"
+def inference_precision(requested: str, trained_precision: str, device: torch.device) -> str:
+    """no | bf16 | fp16 to score an export in: `requested`, or for auto the precision the model was trained in
+    on a GPU and full fp32 on the CPU (as train.precision auto does there)."""
+    if requested not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}; got {requested!r}")
+    if requested == "auto":
+        requested = trained_precision if device.type == "cuda" else "no"
+    # exports hold the precision their run resolved auto to (train.with_resolved_precision); one whose config says
+    # auto, written by hand, gets what auto picks on this GPU
+    return resolve_precision(requested, device)
 
 
 def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:

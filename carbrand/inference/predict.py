@@ -43,7 +43,7 @@ from carbrand.data.torch_loader import eval_transform
 from carbrand.errors import DataError, UsageError
 from carbrand.filesystem import write_bytes_atomically
 from carbrand.inference.calibration import Calibration, calibrated_probabilities, load_calibration, resolve_min_confidence
-from carbrand.inference.classifier import PRECISIONS, classify, place_model, resolve_precision
+from carbrand.inference.classifier import PRECISIONS, classify, inference_precision, place_model
 from carbrand.inference.gradcam import Explanation, explain, overlay, png_bytes
 from carbrand.inference.overlays import write_overlays
 from carbrand.prepare.formats import IMAGE_EXTENSIONS
@@ -121,7 +121,7 @@ class Predictor:
         self.image_size = config.data.eval_size  # the side of the eval crop (reported by serve)
         self.crop_fraction = config.data.eval_crop_fraction
         self.channels_last = config.train.channels_last
-        self.precision = resolve_precision(precision, config.train.precision, self.device)
+        self.precision = inference_precision(precision, config.train.precision, self.device)
         self.model = place_model(model, self.device, self.channels_last)
         # float32 input, as the eval loaders give for full precision; autocast lowers it inside the model
         self.normalize = Normalizer(self.device, torch.float32, self.channels_last, mean=config.data.mean, std=config.data.std)

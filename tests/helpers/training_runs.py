@@ -28,8 +28,10 @@ def launch_command(num_processes: int, script: Path = TRAIN_SCRIPT) -> list[str]
 QUICK = ("data.image_size=64",)
 
 
-def train_command(prepared: Path, run_dir: Path, *overrides: str, num_processes: int = 1) -> list[str]:
-    return launch_command(num_processes) + [
+def train_command(prepared: Path, run_dir: Path, *overrides: str, num_processes: int = 1,
+                  script: Path = TRAIN_SCRIPT) -> list[str]:
+    """`script` (the trainer, or a test-only wrapper that starts it) on the CPU recipe, at the quick size."""
+    return launch_command(num_processes, script) + [
         "--config", str(CPU_RECIPE), f"data.manifest={prepared}", f"output.dir={run_dir}", *QUICK, *overrides]
 
 
@@ -42,10 +44,10 @@ def probed_train_command(prepared: Path, run_dir: Path, out: Path, *overrides: s
 
 
 def run_training(prepared: Path, run_dir: Path, *overrides: str, num_processes: int = 1, timeout: float = 600,
-                 env: dict | None = None) -> subprocess.CompletedProcess:
+                 env: dict | None = None, script: Path = TRAIN_SCRIPT) -> subprocess.CompletedProcess:
     """The trainer to its end; several processes: once more on a fresh port if their rendezvous port was taken."""
     for attempt in range(3 if num_processes > 1 else 1):
-        result = subprocess.run(train_command(prepared, run_dir, *overrides, num_processes=num_processes),
+        result = subprocess.run(train_command(prepared, run_dir, *overrides, num_processes=num_processes, script=script),
                                 capture_output=True, text=True, timeout=timeout, env=env or subprocess_environment(), cwd=REPO)
         if result.returncode == 0 or not port_was_taken(result.stderr):
             break
