@@ -103,6 +103,28 @@ def expected_calibration_error(confidences: torch.Tensor, correct: torch.Tensor,
     return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins))
 
 
+def ece_of_a_calibrated_model(confidences: torch.Tensor, num_bins: int = 15, draws: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """(mean, sd) of the ECE that a *perfectly* calibrated model with these confidences shows on this many images.
+
+    ECE is biased upwards on small sets: each bin's accuracy is a small-sample estimate. Each draw
+    makes every image right with probability equal to its confidence (what perfect calibration
+    means) and measures the ECE of that draw; an ECE inside this spread is as good as a test set
+    of this size can show.
+    """
+    confidences = confidences.double().cpu()
+    if len(confidences) == 0:
+        return 0.0, 0.0
+    uppers = torch.linspace(0, 1, num_bins + 1, dtype=torch.float64)[1:-1]
+    bins = torch.bucketize(confidences, uppers, right=False)  # the bins of calibration_bins
+    counts = torch.bincount(bins, minlength=num_bins).double()
+    confidence_sums = torch.bincount(bins, weights=confidences, minlength=num_bins)
+    generator = torch.Generator().manual_seed(seed)
+    correct = torch.bernoulli(confidences.expand(draws, -1), generator=generator)
+    correct_sums = torch.zeros(draws, num_bins, dtype=torch.float64).index_add_(1, bins, correct)
+    errors = (correct_sums - confidence_sums).abs().sum(dim=1) / len(confidences)  # sum_b n_b/N * |acc_b - conf_b|
+    return float(errors.mean()), float(errors.std())
+
+
 def auroc(positive_scores: torch.Tensor, negative_scores: torch.Tensor) -> float:
     """Area under the ROC curve: P(a positive scores above a negative), ties counting one half (Mann-Whitney U)."""
     positive, negative = positive_scores.double().cpu().flatten(), negative_scores.double().cpu().flatten()

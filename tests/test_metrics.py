@@ -123,3 +123,15 @@ def test_ece_edges_and_perfect_calibration():
     # always right at confidence 1: perfectly calibrated
     assert M.expected_calibration_error(torch.ones(10, dtype=torch.float64), torch.ones(10)) == 0.0
     assert M.expected_calibration_error(torch.zeros(0), torch.zeros(0)) == 0.0
+
+
+def test_ece_of_a_calibrated_model_is_what_perfect_calibration_measures_on_that_many_images():
+    """The floor matches a brute-force simulation, is 0 for certain answers, and shrinks as the test set grows."""
+    rng = np.random.default_rng(0)
+    confidences = rng.uniform(0.4, 1.0, size=100)
+    brute = [numpy_ece(confidences, rng.uniform(size=100) < confidences) for _ in range(2000)]
+    mean, sd = M.ece_of_a_calibrated_model(torch.from_numpy(confidences))
+    assert mean == pytest.approx(np.mean(brute), abs=0.004) and sd == pytest.approx(np.std(brute), abs=0.004)
+    assert 0.05 < mean < 0.15, "100 images: ECE cannot be measured far below 0.1"
+    assert M.ece_of_a_calibrated_model(torch.ones(50, dtype=torch.float64)) == (0.0, 0.0)
+    assert M.ece_of_a_calibrated_model(torch.from_numpy(np.tile(confidences, 100)))[0] < mean / 5

@@ -2,6 +2,7 @@
 
     metrics.json   temperature, expected_calibration_error (before) / expected_calibration_error_calibrated,
                    nll / nll_calibrated, calibration_calibrated (reliability bins after),
+                   expected_calibration_error_of_a_calibrated_model (+ _sd): the ECE this many images can show at best,
                    min_confidence, rejected_share, accepted_accuracy,
                    open_set (with --unknown-brands report and photos of brands the model does not know):
                    auroc, unknown_rejected_share, known_rejected_share, ...
@@ -38,6 +39,7 @@ def calibration_metrics(known: list, temperature: float, calibrated: bool) -> di
     """ECE and NLL before and after temperature scaling over known-brand samples (ScoredSample)."""
     correct = torch.tensor([s.record.predicted == s.target for s in known], dtype=torch.bool)
     after = _tensor(s.record.calibrated_confidence for s in known)
+    floor_mean, floor_sd = M.ece_of_a_calibrated_model(after, ECE_BINS)
     return {
         "calibrated": calibrated,
         "temperature": temperature,
@@ -46,6 +48,9 @@ def calibration_metrics(known: list, temperature: float, calibrated: bool) -> di
         "expected_calibration_error_calibrated": M.expected_calibration_error(after, correct, ECE_BINS),
         "mean_confidence_calibrated": float(after.mean()) if len(known) else 0.0,
         "calibration_calibrated": M.calibration_bins(after, correct, ECE_BINS),
+        # what a perfectly calibrated model would show on this many images: small sets cannot measure ECE below it
+        "expected_calibration_error_of_a_calibrated_model": floor_mean,
+        "expected_calibration_error_of_a_calibrated_model_sd": floor_sd,
     }
 
 
@@ -122,7 +127,9 @@ def format_summary_lines(metrics: dict[str, Any]) -> list[str]:
     lines = []
     if metrics.get("calibrated"):
         lines.append(f"temperature {metrics['temperature']:.4g}: ECE {metrics['expected_calibration_error']:.4f} -> "
-                     f"{metrics['expected_calibration_error_calibrated']:.4f}, NLL {metrics['nll']:.4f} -> {metrics['nll_calibrated']:.4f}")
+                     f"{metrics['expected_calibration_error_calibrated']:.4f}, NLL {metrics['nll']:.4f} -> {metrics['nll_calibrated']:.4f} "
+                     f"(a perfectly calibrated model would show ECE {metrics['expected_calibration_error_of_a_calibrated_model']:.3f}"
+                     f" ± {metrics['expected_calibration_error_of_a_calibrated_model_sd']:.3f} on these images)")
     else:
         lines.append("uncalibrated (no calibration.json in the export: run carbrand calibrate)")
     if metrics.get("min_confidence") is not None:

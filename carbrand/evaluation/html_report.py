@@ -120,7 +120,10 @@ def headline_cards(metrics: dict[str, Any]) -> str:
     if metrics.get("calibrated"):
         cards += [("ECE before → after", f"{_number(metrics['expected_calibration_error'])} → {_number(metrics['expected_calibration_error_calibrated'])}"),
                   ("NLL before → after", f"{_number(metrics['nll'])} → {_number(metrics['nll_calibrated'])}"),
-                  ("temperature", _number(metrics["temperature"], 3))]
+                  ("temperature", _number(metrics["temperature"], 3)),
+                  ("ECE a calibrated model shows here",
+                   f"{_number(metrics['expected_calibration_error_of_a_calibrated_model'])} ± "
+                   f"{_number(metrics['expected_calibration_error_of_a_calibrated_model_sd'])}")]
     else:
         cards.append(("ECE (uncalibrated)", _number(metrics["expected_calibration_error"])))
     if metrics.get("min_confidence") is not None:
