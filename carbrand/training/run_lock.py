@@ -91,7 +91,10 @@ def process_alive(holder: LockHolder) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # someone else's process: it exists
+        # The pid runs as another user (a colleague's training in a shared output.dir): it exists.
+        # Taking the lock over here would let two trainings write one run directory, so only the
+        # start time below (readable in /proc whatever the owner) may still prove it a reused pid.
+        pass
     current = process_start_ticks(holder.pid)
     return not (holder.process_start and current and current != holder.process_start)  # else a reused pid
 
