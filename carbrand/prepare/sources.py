@@ -13,6 +13,7 @@ dropped; files are not opened here (verification decodes them).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from carbrand.errors import DataError, UsageError
@@ -20,6 +21,14 @@ from carbrand.prepare.formats import AUTO, IMAGE_EXTENSIONS, IMAGEFOLDER, STANFO
 from carbrand.prepare.stanford_cars import discover_stanford_cars, find_devkit
 
 SPLIT_FOLDERS = ("train", "val", "test")
+# Folders that are never a dataset: scanning them reads the whole machine (/), hangs on device files
+# (/dev/zero named *.jpg), or walks kernel trees that never end (/proc, /sys).
+SYSTEM_ROOTS = (Path("/"), Path("/bin"), Path("/boot"), Path("/etc"), Path("/lib"), Path("/sbin"), Path("/usr"),
+                Path("/var"), Path("/run"), Path("/tmp"))
+PSEUDO_FILE_SYSTEMS = (Path("/proc"), Path("/sys"), Path("/dev"))
+# A source's top level holds brand folders (or train/val/test): Stanford Cars' 196 car models are
+# 49 brands. Far more entries than this is a mistyped path (a photo dump, a home directory).
+MAX_TOP_LEVEL_ENTRIES = 10_000
 
 
 def is_image_name(path: Path) -> bool:
@@ -35,6 +44,7 @@ def detect_format(source: Path) -> str:
 def discover(source: Path, format: str, images: Path | None, exclude: Path | None) -> Source:
     """List the source's images; `exclude` (the output directory) is never scanned."""
     check_format(format)
+    refuse_absurd_root(source)
     if not source.exists():
         raise DataError(f"source not found: {source}")
     if not source.is_dir():
@@ -46,6 +56,32 @@ def discover(source: Path, format: str, images: Path | None, exclude: Path | Non
     if images is not None:
         raise UsageError("--images is only for --format stanford-cars (an image folder holds its own images)")
     return discover_imagefolder(source, exclude)
+
+
+def refuse_absurd_root(source: Path) -> None:
+    """A UsageError naming `source` when it cannot be a dataset, decided before anything under it is listed."""
+    real = Path(os.path.realpath(source))  # /home/me/../.. is / too
+    why = None
+    if real in SYSTEM_ROOTS:
+        why = "is a system folder"
+    elif any(real == folder or real.is_relative_to(folder) for folder in PSEUDO_FILE_SYSTEMS):
+        why = "is under /proc, /sys or /dev"
+    elif real == Path(os.path.realpath(Path.home())):
+        why = "is your home directory"
+    elif _more_entries_than(real, MAX_TOP_LEVEL_ENTRIES):
+        why = f"has more than {MAX_TOP_LEVEL_ENTRIES} entries at its top level"
+    if why:
+        raise UsageError(f"source {source} {why}: not scanned; a source is the folder that holds the brand folders "
+                         f"(or train/val/test), or the Stanford Cars devkit")
+
+
+def _more_entries_than(folder: Path, limit: int) -> bool:
+    """Counts the top level only, stopping at limit + 1: a huge folder is not read to the end."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(count > limit for count, _ in enumerate(entries, start=1))
+    except OSError:  # missing or unreadable: discover names that in its own words
+        return False
 
 
 def discover_imagefolder(root: Path, exclude: Path | None = None) -> Source:
