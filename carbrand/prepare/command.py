@@ -106,7 +106,8 @@ def prepare_dataset(source: str | Path, out: str | Path, options: PrepareOptions
             cache.close()
     accepted = [i for i, check in enumerate(verified.checks) if check.accepted]
     rejected = sorted(
-        ({"path": _relative(found, check.path), "reason": check.reason} for check in verified.checks if not check.accepted),
+        ({"path": _relative(found, check.path), "reason": check.reason + _link_note(item)}
+         for check, item in zip(verified.checks, found.items) if not check.accepted),
         key=lambda entry: entry["path"],
     )
     if not accepted:
@@ -149,6 +150,7 @@ def prepare_dataset(source: str | Path, out: str | Path, options: PrepareOptions
     )
     timings = {"scan_s": scanned - started, "verify_s": verified.seconds, "duplicates_s": duplicates_seconds, "total_s": time.perf_counter() - started}
     summary.manifest = _manifest(summary, options, found, source, checks, given_split, test_frac, leaks, timings)
+    summary.manifest["linked"] = _linked(found, [item for item, split in zip(items, plan.splits) if split], options.crop_boxes)
     write_prepared(out, root, classes, splits, summary.manifest, car_models)
     if cache is not None:
         cache.compact()
@@ -228,6 +230,17 @@ def _task(item: SourceItem, found: Source, out: Path, crop_boxes: bool) -> Verif
         return VerifyTask(path=item.path)
     crop_path = (out / CROPS_FOLDER / item.path.relative_to(found.root)).with_suffix(".jpg")
     return VerifyTask(path=item.path, crop_box=item.box, crop_path=crop_path)
+
+
+def _link_note(item: SourceItem) -> str:
+    return f" (a symbolic link to {item.linked_to})" if item.linked_to else ""
+
+
+def _linked(found: Source, items: list[SourceItem], crop_boxes: bool) -> dict[str, str]:
+    """CSV path -> where its link leads outside the root: the only targets the loaders' root check lets through."""
+    if crop_boxes:  # the CSVs name the crops, regular files written under OUT/crops/
+        return {}
+    return {_relative(found, item.path): str(item.linked_to) for item in items if item.linked_to}
 
 
 def _relative(found: Source, path: Path) -> str:

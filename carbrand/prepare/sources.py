@@ -9,11 +9,21 @@ Three kinds of source:
 `discover` dispatches on the format; the image-folder discovery lives here. Files with an
 unknown extension and hidden files (.DS_Store) are listed as skipped, never silently
 dropped; files are not opened here (verification decodes them).
+
+Symbolic links are followed, files and folders alike: a dataset is often a tree of links to
+photos kept elsewhere. A link to nothing, a link loop, a folder reached a second time (a folder
+link back up the tree) and anything that is not a regular file (a device, a pipe) are skipped
+with that reason; a link to a file that is not an image is rejected by verification like any
+other. An image reached through a link that leads outside the root keeps where it leads
+(SourceItem.linked_to): manifest.json records it, and only that target passes the loaders'
+root check (carbrand/data/manifest.py, RootGuard).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 from carbrand.errors import DataError, UsageError
@@ -103,28 +113,75 @@ def discover_imagefolder(root: Path, exclude: Path | None = None) -> Source:
 def _list_brand_folders(root: Path, parent: Path, split: str | None, exclude: Path | None) -> tuple[list[SourceItem], list[dict[str, str]]]:
     items: list[SourceItem] = []
     skipped = _loose_files(root, parent)
+    real_root = Path(os.path.realpath(root))
     for brand_folder in sorted(p for p in parent.iterdir() if p.is_dir() and not _hidden(p) and p != exclude):
-        for path in sorted(brand_folder.rglob("*")):
-            if exclude is not None and exclude in path.parents:
-                continue
-            if not path.is_file():
-                continue
+        files, loops = _walk(brand_folder, exclude)
+        skipped += [{"path": p.relative_to(root).as_posix(), "reason": reason} for p, reason in loops]
+        for path, real in files:
             relative = path.relative_to(root).as_posix()
-            if any(part.startswith(".") for part in path.relative_to(brand_folder).parts):
+            reason = _not_a_regular_file(path)
+            if reason:
+                skipped.append({"path": relative, "reason": reason})
+            elif any(part.startswith(".") for part in path.relative_to(brand_folder).parts):
                 skipped.append({"path": relative, "reason": "hidden file"})
             elif not is_image_name(path):
                 skipped.append({"path": relative, "reason": f"not an image extension ({', '.join(IMAGE_EXTENSIONS)})"})
             else:
-                items.append(SourceItem(path=path, brand=brand_folder.name, given_split=split))
+                real = Path(os.path.realpath(path)) if real is None else real
+                items.append(SourceItem(path=path, brand=brand_folder.name, given_split=split,
+                                        linked_to=None if real.is_relative_to(real_root) else real))
     return items, skipped
 
 
+def _walk(folder: Path, exclude: Path | None) -> tuple[list[tuple[Path, Path | None]], list[tuple[Path, str]]]:
+    """Every non-folder entry under `folder`, folder links followed, sorted, each with where it really is (None for a
+    file link, resolved by the caller); and the folder links not followed because they reach a folder already listed
+    (a loop back up the tree, or a second way into one folder)."""
+    files: list[tuple[Path, Path | None]] = []
+    loops: list[tuple[Path, str]] = []
+    seen: dict[tuple[int, int], Path] = {}
+    for current, folders, names in os.walk(folder, followlinks=True):
+        current = Path(current)
+        status = os.stat(current)
+        seen.setdefault((status.st_dev, status.st_ino), current)
+        real_folder = Path(os.path.realpath(current))  # one resolution per folder, not per image
+        kept = []
+        for name in sorted(folders):
+            path = current / name
+            if path == exclude:
+                continue
+            status = os.stat(path)
+            if (status.st_dev, status.st_ino) in seen:
+                loops.append((path, f"symbolic link loop: leads to a folder already listed ({seen[status.st_dev, status.st_ino]})"))
+            else:
+                seen[status.st_dev, status.st_ino] = path
+                kept.append(name)
+        folders[:] = kept  # os.walk descends only into these
+        files += [(current / name, None if (current / name).is_symlink() else real_folder / name) for name in names]
+    return sorted(files), sorted(loops)
+
+
+def _not_a_regular_file(path: Path) -> str | None:
+    """Why `path` (a link followed) cannot be read as a photo; None for a regular file."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if error.errno == errno.ENOENT and path.is_symlink():
+            return f"dangling symbolic link (to {os.readlink(path)}, which does not exist)"
+        return f"unreadable: {error.strerror or error}"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a device, pipe or socket)"
+    return None
+
+
 def _loose_files(root: Path, folder: Path) -> list[dict[str, str]]:
-    """Files lying next to the brand folders have no brand: report them, do not guess one."""
+    """Files lying next to the brand folders have no brand: report them, do not guess one (nor drop a broken link)."""
     return [
-        {"path": p.relative_to(root).as_posix(), "reason": "not inside a brand folder"}
+        {"path": p.relative_to(root).as_posix(), "reason": _not_a_regular_file(p) or "not inside a brand folder"}
         for p in sorted(folder.iterdir())
-        if p.is_file()
+        if not p.is_dir()
     ]
 
 
