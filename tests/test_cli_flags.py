@@ -40,7 +40,8 @@ def test_min_side_and_max_pixels_flags(tmp_path):
     write_jpeg(source / "brio" / "large.jpg", seed=51, size=(300, 300))
     assert prepare(source, "--out", tmp_path / "strict", "--min-side", "70", "--max-pixels", "50000") == 0
     assert rejected(tmp_path / "strict") == {"alfa/small.jpg": "too small: 100x60, short side below min_side 70",
-                                            "brio/large.jpg": "too many pixels: 300x300 > max_pixels 50000"}
+                                            "brio/large.jpg": "too many pixels: 300x300 = 90000 pixels is over the limit of 50000 "
+                                                              "pixels (prepare --max-pixels)"}
     assert (manifest(tmp_path / "strict")["min_side"], manifest(tmp_path / "strict")["max_pixels"]) == (70, 50_000)
     assert prepare(source, "--out", tmp_path / "lenient", "--min-side", "50", "--max-pixels", "100000") == 0
     assert rejected(tmp_path / "lenient") == {}

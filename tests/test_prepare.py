@@ -112,7 +112,7 @@ def test_max_pixels_and_min_side_are_options(tmp_path):
     write_jpeg(source / "alfa" / "large.jpg", seed=50, size=(300, 300))
     write_jpeg(source / "brio" / "large.jpg", seed=51, size=(300, 300))
     summary = prepare(source, tmp_path / "out", max_pixels=50_000, min_side=90)
-    too_many = "too many pixels: 300x300 > max_pixels 50000"
+    too_many = "too many pixels: 300x300 = 90000 pixels is over the limit of 50000 pixels (prepare --max-pixels)"
     assert reasons(summary) == {"alfa/large.jpg": too_many, "brio/large.jpg": too_many}
     summary = prepare(source, tmp_path / "out", min_side=100)
     assert len(summary.rejected) == 8  # the 120x90 images

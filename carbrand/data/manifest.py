@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from carbrand.car_models import CAR_MODELS_FILE, CarModel, read_car_models
+from carbrand.data.preprocessing import MAX_PIXELS
 from carbrand.errors import DataError
 
 FORMAT_VERSION = 1
@@ -119,6 +120,29 @@ def dataset_root(directory: Path, info: dict[str, Any]) -> Path:
 
 def load_prepared(directory: str | Path) -> PreparedDataset:
     directory = Path(directory)
+    info = read_manifest(directory)
+    root = dataset_root(directory, info)
+    classes = _read_classes(directory / "classes.json")
+    car_models = read_car_models(directory / CAR_MODELS_FILE, classes) if (directory / CAR_MODELS_FILE).is_file() else None
+    guard = RootGuard(root, _linked(directory / "manifest.json", info))
+    splits = {name: _read_split(directory / f"{name}.csv", guard, classes, car_models)
+              for name in SPLITS if (directory / f"{name}.csv").is_file()}
+    if not splits.get("train") and not splits.get("test"):
+        raise DataError(f"{directory}: no samples in any split")
+    return PreparedDataset(directory=directory, root=root, classes=classes, splits=splits, info=info, car_models=car_models)
+
+
+def recorded_max_pixels(directory: Path, info: dict[str, Any]) -> int:
+    """The pixel limit prepare applied (--max-pixels), from manifest.json: every reader of the dataset applies it too."""
+    manifest_path = directory / "manifest.json"
+    value = info.get("max_pixels", MAX_PIXELS)  # absent: a manifest from before it was recorded, made with the default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise DataError(f"{manifest_path}: 'max_pixels' must be a positive number of pixels; got {value!r}")
+    return value
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """manifest.json as a dict, its format version checked."""
     manifest_path = directory / "manifest.json"
     if not directory.is_dir():
         raise DataError(f"prepared dataset not found: {directory} (run `carbrand prepare SOURCE --out {directory}`)")
@@ -136,15 +160,7 @@ def load_prepared(directory: str | Path) -> PreparedDataset:
             f"{manifest_path} has format_version {version!r}; this carbrand reads {FORMAT_VERSION}: "
             f"run `carbrand prepare` again on the source"
         )
-    root = dataset_root(directory, info)
-    classes = _read_classes(directory / "classes.json")
-    car_models = read_car_models(directory / CAR_MODELS_FILE, classes) if (directory / CAR_MODELS_FILE).is_file() else None
-    guard = RootGuard(root, _linked(manifest_path, info))
-    splits = {name: _read_split(directory / f"{name}.csv", guard, classes, car_models)
-              for name in SPLITS if (directory / f"{name}.csv").is_file()}
-    if not splits.get("train") and not splits.get("test"):
-        raise DataError(f"{directory}: no samples in any split")
-    return PreparedDataset(directory=directory, root=root, classes=classes, splits=splits, info=info, car_models=car_models)
+    return info
 
 
 def _read_classes(path: Path) -> list[str]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from carbrand.car_models import CarModel
+from carbrand.data.images import PILLOW_PIXEL_LIMIT
 from carbrand.data.manifest import SPLITS, Sample
 from carbrand.errors import DataError, UsageError
 from carbrand.prepare.duplicates import DEFAULT_NEAR_DUPLICATE_DISTANCE, duplicate_groups
@@ -212,6 +213,9 @@ def _validated(options: PrepareOptions) -> PrepareOptions:
         raise UsageError(f"--workers {options.workers} must be at least 1")
     if options.min_side < 1 or options.max_pixels < 1:
         raise UsageError(f"--min-side {options.min_side} and --max-pixels {options.max_pixels} must be positive")
+    if options.max_pixels > PILLOW_PIXEL_LIMIT:
+        raise UsageError(f"--max-pixels {options.max_pixels} is above {PILLOW_PIXEL_LIMIT}, where Pillow itself refuses "
+                         f"to decode (a decompression-bomb guard): no reader could open such an image")
     if not -1 <= options.near_duplicate_distance <= 64:
         raise UsageError(f"--near-duplicate-distance {options.near_duplicate_distance} must be in -1..64 (bits of a 64-bit hash; -1 = off)")
     return options
@@ -323,7 +327,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
     parser.add_argument("--workers", type=int, default=None, help="verification processes (default: all cores)")
     parser.add_argument("--min-side", type=int, default=DEFAULT_MIN_SIDE, help=f"reject images whose short side is below this many pixels (default: {DEFAULT_MIN_SIDE})")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help=f"reject images with more pixels, e.g. decompression bombs (default: {DEFAULT_MAX_PIXELS})")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help=f"reject images with more pixels, e.g. decompression bombs (default: {DEFAULT_MAX_PIXELS}); "
+                             f"recorded in manifest.json, training, evaluate, predict and serve apply the same limit")
     parser.add_argument("--near-duplicate-distance", type=int, default=DEFAULT_NEAR_DUPLICATE_DISTANCE, help=f"max perceptual-hash distance in bits for near duplicates (default: {DEFAULT_NEAR_DUPLICATE_DISTANCE}; -1 = exact duplicates only)")
     parser.add_argument("--keep-leaked", action="store_true", help="keep training copies of test/val images (default: remove them; listed either way)")
     parser.add_argument("--crop-boxes", action="store_true", help="Stanford Cars: crop to the annotated bounding box (crops written to OUT/crops/)")
