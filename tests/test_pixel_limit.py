@@ -67,6 +67,13 @@ def test_a_raised_limit_lets_prepare_training_evaluate_and_predict_read_the_same
     assert predict.main(["--checkpoint", str(run_dir / "best"), str(huge)]) == 0
     assert capsys.readouterr().out.startswith(f"{huge}: ")
 
+    from carbrand.bench.http_client import FilePart
+    from tests.helpers.serving import serving
+
+    with serving(run_dir / "best", tmp_path / "serve") as server:  # serve reads the limit from the export too
+        answer = server.client().predict([FilePart("huge.png", huge.read_bytes(), content_type="image/png")])
+        assert answer.status == 200, answer.body
+
 
 def test_a_config_limit_that_differs_from_the_datasets_is_one_line(source, tmp_path):
     prepared = tmp_path / "raised"
