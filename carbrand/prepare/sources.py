@@ -135,10 +135,10 @@ def _list_brand_folders(root: Path, parent: Path, split: str | None, exclude: Pa
 
 def _walk(folder: Path, exclude: Path | None) -> tuple[list[tuple[Path, Path | None]], list[tuple[Path, str]]]:
     """Every non-folder entry under `folder`, folder links followed, sorted, each with where it really is (None for a
-    file link, resolved by the caller); and the folder links not followed because they reach a folder already listed
-    (a loop back up the tree, or a second way into one folder)."""
+    file link, resolved by the caller); and the folders not followed, with why: most often a link that reaches a
+    folder already listed (a loop back up the tree, or a second way into one folder)."""
     files: list[tuple[Path, Path | None]] = []
-    loops: list[tuple[Path, str]] = []
+    loops: list[tuple[Path, str]] = []  # (folder, why it was not followed)
     seen: dict[tuple[int, int], Path] = {}
     for current, folders, names in os.walk(folder, followlinks=True):
         current = Path(current)
@@ -150,11 +150,15 @@ def _walk(folder: Path, exclude: Path | None) -> tuple[list[tuple[Path, Path | N
             path = current / name
             if path == exclude:
                 continue
-            status = os.stat(path)
-            if (status.st_dev, status.st_ino) in seen:
-                loops.append((path, f"symbolic link loop: leads to a folder already listed ({seen[status.st_dev, status.st_ino]})"))
+            try:
+                status = os.stat(path)
+            except OSError as error:  # gone or unreadable since it was listed
+                loops.append((path, f"unreadable: {error.strerror or error}"))
+                continue
+            first = seen.setdefault((status.st_dev, status.st_ino), path)
+            if first != path:
+                loops.append((path, f"symbolic link loop: leads to a folder already listed ({first})"))
             else:
-                seen[status.st_dev, status.st_ino] = path
                 kept.append(name)
         folders[:] = kept  # os.walk descends only into these
         files += [(current / name, None if (current / name).is_symlink() else real_folder / name) for name in names]
