@@ -34,7 +34,8 @@ from safetensors.torch import load_file, save_file
 from carbrand.config import Config, config_from_dict, safe_yaml_load, save_config
 from carbrand.car_models import CAR_MODELS_FILE, CarModel, brand_indices, car_models_from_json, car_models_json
 from carbrand.errors import CarbrandError, ConfigError, first_line
-from carbrand.filesystem import read_directory_consistently, warn_if_short_of_space, write_directory_atomically
+from carbrand.filesystem import (read_directory_consistently, restore_interrupted_swap, warn_if_short_of_space,
+                                 write_directory_atomically)
 from carbrand.model import answer_brands, build_model, load_classifier_state
 from carbrand.weights import load_failure_reason, safe_torch_load, strip_wrapper_prefixes
 
@@ -177,6 +178,15 @@ def save_training_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     _remove_crash_leftovers(final.parent)
     return final
+
+
+def recover_run_dir_after_crash(run_dir: Path) -> None:
+    """Under the run lock (no other writer): best/ put back if a save killed mid-swap left only its `.old-` copy,
+    then that save's temporaries removed. Else a resumed run that never beats the lost best score would end
+    with no best/ and export its last weights in its place."""
+    restore_interrupted_swap(run_dir / "best")
+    if run_dir.is_dir():
+        _remove_crash_leftovers(run_dir)
 
 
 def _remove_crash_leftovers(folder: Path) -> None:

@@ -38,6 +38,7 @@ class DataConfig:
     augment: str = "none"  # train: none | trivial (TrivialAugmentWide) | randaugment | autoaugment (ImageNet policy)
     randaugment_ops: int = 2  # randaugment: operations applied per image (N)
     randaugment_magnitude: int = 9  # randaugment: strength of each operation, 0..30 (M, of 31 bins)
+    max_pixels: int = 0  # refuse larger images (0 = the dataset's: prepare --max-pixels, in manifest.json); travels with the export
     # the input normalisation the weights expect, RGB: (pixel / 255 - mean) / std; travels with the export
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
@@ -312,6 +313,7 @@ def validate(config: Config) -> None:
     check(d.prefetch >= 1, "data.prefetch", "must be >= 1")
     check(d.randaugment_ops >= 1, "data.randaugment_ops", "must be >= 1")
     check(0 <= d.randaugment_magnitude <= 30, "data.randaugment_magnitude", "must be in 0..30")
+    check(d.max_pixels >= 0, "data.max_pixels", "must be 0 (the dataset's, from manifest.json) or a positive number of pixels")
     check(bool(m.arch), "model.arch", "must name a torchvision ResNet or a timm model")
     check(bool(m.pretrained), "model.pretrained", "must be imagenet, none or a file path")
     check(m.freeze_backbone_epochs >= 0, "model.freeze_backbone_epochs", "must be >= 0")

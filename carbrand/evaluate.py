@@ -44,6 +44,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,8 +53,9 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from carbrand.checkpoint import Export, load_export_model
 from carbrand.config import Config
+from carbrand.data.images import pixel_limit
 from carbrand.data.loaders import build_eval_loader, resolve_backend
-from carbrand.data.manifest import SPLITS, Sample, load_prepared
+from carbrand.data.manifest import SPLITS, Sample, load_prepared, recorded_max_pixels
 from carbrand.errors import CarbrandError, DataError, UsageError, first_line
 from carbrand.evaluation import calibration_report, report
 from carbrand.evaluation.html_report import Explainer, build_gallery
@@ -109,8 +111,17 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise DataError(f"--data {args.data} is not a directory (a prepared dataset or an image-folder tree)")
 
 
-def open_split(data: Path, split: str, workers: int | None, scratch: Path):
-    """(classes, samples) of `split`: from a prepared dataset, or a raw tree prepared into `scratch`.
+@dataclass(frozen=True)
+class OpenedSplit:
+    classes: list[str]  # the data's brands
+    samples: list[Sample]
+    kind: str  # "prepared" or "raw flat|split image folder"
+    max_pixels: int  # the pixel limit the images were verified under: the loader applies the same
+
+
+def open_split(data: Path, split: str, workers: int | None, scratch: Path, max_pixels: int) -> OpenedSplit:
+    """`split`'s images: from a prepared dataset (under its own pixel limit), or a raw tree prepared into `scratch`
+    (under `max_pixels`, the export's).
 
     A raw flat tree (root/<brand>/*) is verified with prepare's rules and all of it is the
     split; a raw split tree (root/test/<brand>/*) gives its own `split` folder.
@@ -122,10 +133,10 @@ def open_split(data: Path, split: str, workers: int | None, scratch: Path):
         samples = dataset.split(split)
         if not samples:
             raise DataError(f"{data}: split '{split}' is empty (have: {', '.join(n for n, s in dataset.splits.items() if s) or 'none'})")
-        return dataset.classes, samples, "prepared"
+        return OpenedSplit(dataset.classes, samples, "prepared", recorded_max_pixels(data, dataset.info))
     # No val carved out, no leaked copy dropped, no near-duplicate search: every accepted image is evaluated.
     summary = prepare_dataset(data, scratch, quiet=True, val_frac=0.0, test_frac=0.0, keep_leaked=True,
-                              near_duplicate_distance=-1, workers=workers or None)
+                              near_duplicate_distance=-1, workers=workers or None, max_pixels=pixel_limit(max_pixels))
     dataset = load_prepared(scratch)
     rejected = len(summary.rejected)
     if rejected:
@@ -139,7 +150,7 @@ def open_split(data: Path, split: str, workers: int | None, scratch: Path):
         samples = dataset.splits.get(split, [])
         if not samples:
             raise DataError(f"{data}: the image-folder tree has no '{split}' images (folders: {', '.join(n for n, s in dataset.splits.items() if s)})")
-    return dataset.classes, samples, f"raw {summary.manifest.get('layout')} image folder"
+    return OpenedSplit(dataset.classes, samples, f"raw {summary.manifest.get('layout')} image folder", pixel_limit(max_pixels))
 
 
 def match_brands(data_classes: list[str], model_classes: list[str], samples, mode: str) -> list[int]:
@@ -204,6 +215,7 @@ class ReportOptions:
     gallery: int  # report.html: the most confident mistakes shown per brand
     explain: Explainer | None  # Grad-CAM of a photo for the gallery (None without one)
     wandb_mode: str | None
+    max_pixels: int = 0  # the gallery's photos are read under the loader's pixel limit
 
 
 def run(args: argparse.Namespace) -> int:
@@ -220,15 +232,16 @@ def run(args: argparse.Namespace) -> int:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     loader = tracker = None
     try:
-        data_classes, samples, data_kind = open_split_on_main(accelerator, args.data, args.split, args.workers)
-        targets = match_brands(data_classes, export.classes, samples, args.unknown_brands)
+        opened = open_split_on_main(accelerator, args.data, args.split, args.workers, export.config.data.max_pixels)
+        samples = opened.samples
+        targets = match_brands(opened.classes, export.classes, samples, args.unknown_brands)
         if all(target < 0 for target in targets):
             raise DataError(f"none of the {len(samples)} images in split '{args.split}' is of a brand the model knows")
         top_k = min(args.topk, len(export.classes))
 
         overrides = {key: value for key, value in (("batch_size", args.batch_size), ("workers", args.workers),
                                                     ("loader", args.loader), ("decode", args.decode)) if value is not None}
-        data_config = dataclasses.replace(export.config.data, manifest=str(args.data), **overrides)
+        data_config = dataclasses.replace(export.config.data, manifest=str(args.data), max_pixels=opened.max_pixels, **overrides)
         device = accelerator.device
         backend = resolve_backend(data_config, device)  # once: one notice, one answer
         precision = inference_precision(args.precision, export.config.train.precision, device)
@@ -243,13 +256,13 @@ def run(args: argparse.Namespace) -> int:
         records = shard_records(predictions, targets, top_k, confidence.temperature)
         gathered = gather_object(records)  # every rank's records, in rank order, on every rank
         if accelerator.is_main_process:
-            setup = Setup(data_kind=data_kind, split=args.split, split_samples=len(samples),
+            setup = Setup(data_kind=opened.kind, split=args.split, split_samples=len(samples),
                           world_size=accelerator.num_processes, loader=backend.loader, decode=backend.decode,
                           precision=precision, tta_flip=args.tta_flip, batch_size=data_config.batch_size,
                           arch=export.config.model.arch, image_size=data_config.eval_size)
             evaluation = Evaluation(export=export, data=args.data, samples=samples, targets=targets, records=gathered,
                                     top_k=top_k, setup=setup, confidence=confidence, started=started)
-            options = ReportOptions(out=out, gallery=args.gallery, wandb_mode=args.wandb_mode,
+            options = ReportOptions(out=out, gallery=args.gallery, wandb_mode=args.wandb_mode, max_pixels=data_config.max_pixels,
                                     explain=gallery_explainer(model, export.config) if args.gallery else None)
             tracker = report_results(evaluation, options)
         accelerator.wait_for_everyone()
@@ -262,8 +275,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def open_split_on_main(accelerator, data: Path, split: str, workers: int | None):
-    """open_split on the main process only; the others receive its (classes, samples, kind), or its error.
+def open_split_on_main(accelerator, data: Path, split: str, workers: int | None, max_pixels: int) -> OpenedSplit:
+    """open_split on the main process only; the others receive its OpenedSplit, or its error.
 
     A raw folder is verified once, not once per process, and no process needs the main process's
     scratch folder (possibly on another node's /tmp): the samples name the images under `data`,
@@ -273,7 +286,7 @@ def open_split_on_main(accelerator, data: Path, split: str, workers: int | None)
     if accelerator.is_main_process:
         scratch = Path(tempfile.mkdtemp(prefix="carbrand-eval-data-"))
         try:
-            outcome[0] = open_split(data, split, workers, scratch)
+            outcome[0] = open_split(data, split, workers, scratch, max_pixels)
         except Exception as error:
             # The others wait in the broadcast: tell them, so that every process stops with the same line.
             failure = error if isinstance(error, CarbrandError) else CarbrandError(
@@ -318,7 +331,7 @@ def report_results(evaluation: Evaluation, options: ReportOptions) -> Tracker | 
                                   rejected=threshold is not None and r.calibrated_confidence < threshold)
               for r in evaluation.records]
     metrics = confidence_metrics(evaluation, scored)
-    gallery = build_gallery(report.mistakes(scored), classes, options.gallery, options.explain) if options.gallery else []
+    gallery = build_gallery(report.mistakes(scored), classes, options.gallery, options.explain, options.max_pixels) if options.gallery else []
     metrics["seconds"] = round(time.perf_counter() - evaluation.started, 3)
     report.write_outputs(options.out, metrics, scored, classes, gallery)
     print(report.format_summary(metrics))

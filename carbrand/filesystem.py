@@ -50,6 +50,7 @@ def write_directory_atomically(final: Path, write_into: Callable[[Path], None]) 
     """
     temporary = final.parent / f".tmp-{final.name}-{os.getpid()}"
     retired = final.parent / f".old-{final.name}-{os.getpid()}"
+    restore_interrupted_swap(final)  # else a dead writer's `.old-` stays beside the new `final` for ever
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         if temporary.exists():
@@ -75,6 +76,55 @@ def write_directory_atomically(final: Path, write_into: Callable[[Path], None]) 
             raise CarbrandError(f"could not write {final} ({reason}); the previous copy, if any, is intact") from None
         raise
     return final
+
+
+# A swap is two renames microseconds apart. `final` missing while an `.old-FINAL-PID` copy has been
+# beside it for longer than this means its writer died between the two (kill -9, a node failure).
+ABANDONED_SWAP_S = 1.0
+
+
+def restore_interrupted_swap(final: Path) -> bool:
+    """Put back `final` from the `.old-` copy a writer killed mid-swap left behind; True if `final` exists now.
+
+    The `.old-` copy is restored, not the `.tmp-` one beside it: the old one was a complete `final`
+    renamed whole, while a `.tmp-` may have been half deleted by the dead writer's own cleanup.
+    Restoring is a rename, so two processes doing it at once cannot tear anything: one wins, the
+    other finds `final` there. A live writer paused longer than ABANDONED_SWAP_S inside its swap
+    would then fail its second rename with one line (write_directory_atomically), never tear it.
+    """
+    if final.exists():
+        return True
+    retired = _retired_copies(final)
+    if not retired:
+        return False
+    newest = max(retired, key=_changed_at)
+    wait = ABANDONED_SWAP_S - (time.time() - _changed_at(newest))
+    if wait > 0:  # maybe a live swap: give it time to finish
+        time.sleep(wait)
+        if final.exists():
+            return True
+    try:
+        os.rename(newest, final)
+    except OSError:  # restored or swapped by someone else meanwhile, or a reader without write access
+        return final.exists()
+    print(f"carbrand: warning: {final} was missing; restored it from {newest.name}, left by a process killed while "
+          f"replacing it", file=sys.stderr, flush=True)
+    return True
+
+
+def _retired_copies(final: Path) -> list[Path]:
+    try:
+        return [child for child in final.parent.iterdir() if child.name.startswith(f".old-{final.name}-")]
+    except OSError:
+        return []
+
+
+def _changed_at(path: Path) -> float:
+    """When it was renamed aside: a rename sets the moved folder's ctime, and nothing writes into it after."""
+    try:
+        return path.stat().st_ctime
+    except FileNotFoundError:
+        return 0.0
 
 
 def write_text_atomically(path: Path, text: str) -> None:
@@ -128,15 +178,21 @@ def read_directory_consistently(directory: Path, names: tuple[str, ...]) -> dict
     on the directory, all before any is read: they belong to one version, and stay readable after
     it is deleted. If that version was deleted before all were open, or the directory is missing
     while a swap is under way (a `.old-`/`.tmp-` sibling exists), the read starts again (a few
-    times, a few milliseconds apart). A missing directory without a swap raises FileNotFoundError.
+    times, a few milliseconds apart); missing through all of them, it is restored from the `.old-`
+    copy of a writer that died mid-swap (restore_interrupted_swap). A missing directory without
+    a swap raises FileNotFoundError.
     """
     for attempt in range(READ_ATTEMPTS):
         last = attempt == READ_ATTEMPTS - 1
         try:
             return _read_one_version(directory, names)
         except FileNotFoundError:
-            if last or not _swap_under_way(directory):
+            if not _swap_under_way(directory):
                 raise
+            if last:  # missing through every attempt: a swap whose writer died between its two renames
+                if not restore_interrupted_swap(directory):
+                    raise
+                return _read_one_version(directory, names)
         except DirectoryReplaced:
             if last:
                 raise FileNotFoundError(f"{directory} was replaced {READ_ATTEMPTS} times while it was read") from None

@@ -62,7 +62,7 @@ from carbrand.checkpoint import (
 from carbrand.config import Config, load_config, save_config
 from carbrand.data.loader_base import EvalLoader, TrainLoader
 from carbrand.data.loaders import build_eval_loader, build_train_loader, resolve_backend
-from carbrand.data.manifest import PreparedDataset, Sample, load_prepared
+from carbrand.data.manifest import PreparedDataset, Sample, load_prepared, read_manifest, recorded_max_pixels
 from carbrand.errors import CarbrandError, ConfigError, DataError, first_line
 from carbrand.evaluation.calibrate import calibrate_run
 from carbrand.filesystem import check_run_dir_writable
@@ -175,6 +175,7 @@ def make_accelerator(config: Config) -> Accelerator:
 
 def train(config: Config, force_unlock: bool = False) -> int:
     config, precision = with_resolved_precision(config)
+    config = with_dataset_pixel_limit(config)
     accelerator = make_accelerator(config)
     heartbeat = Heartbeat(accelerator.process_index, accelerator.num_processes)
     # Installed for the whole run: the SIGTERM a launcher sends survivors when a peer dies is then
@@ -209,6 +210,22 @@ def with_resolved_precision(config: Config) -> tuple[Config, PrecisionChoice]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the device make_accelerator picks
     precision = choose_precision(config.train.precision, device)
     return dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision.name)), precision
+
+
+def with_dataset_pixel_limit(config: Config) -> Config:
+    """The config with data.max_pixels set to the limit prepare applied (manifest.json), the one pixel limit.
+
+    The run's config.yaml, every checkpoint and the export then hold the number, so evaluate, predict
+    and serve refuse exactly what prepare rejected and the loaders refused. A different number in the
+    config is an error: two limits would let one step accept what the next refuses.
+    """
+    directory = Path(config.data.manifest)
+    recorded = recorded_max_pixels(directory, read_manifest(directory))
+    if config.data.max_pixels not in (0, recorded):
+        raise ConfigError(f"config key 'data.max_pixels' ({config.data.max_pixels}) differs from the {recorded} pixels "
+                          f"{directory / 'manifest.json'} was prepared with; leave it 0, or run `carbrand prepare "
+                          f"--max-pixels` again to change the limit")
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, max_pixels=recorded))
 
 
 def train_with(config: Config, accelerator: Accelerator, stop_request: StopRequest, run_lock: RunDirLock | None = None,

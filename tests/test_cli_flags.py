@@ -40,7 +40,8 @@ def test_min_side_and_max_pixels_flags(tmp_path):
     write_jpeg(source / "brio" / "large.jpg", seed=51, size=(300, 300))
     assert prepare(source, "--out", tmp_path / "strict", "--min-side", "70", "--max-pixels", "50000") == 0
     assert rejected(tmp_path / "strict") == {"alfa/small.jpg": "too small: 100x60, short side below min_side 70",
-                                            "brio/large.jpg": "too many pixels: 300x300 > max_pixels 50000"}
+                                            "brio/large.jpg": "too many pixels: 300x300 = 90000 pixels is over the limit of 50000 "
+                                                              "pixels (prepare --max-pixels)"}
     assert (manifest(tmp_path / "strict")["min_side"], manifest(tmp_path / "strict")["max_pixels"]) == (70, 50_000)
     assert prepare(source, "--out", tmp_path / "lenient", "--min-side", "50", "--max-pixels", "100000") == 0
     assert rejected(tmp_path / "lenient") == {}
@@ -102,3 +103,38 @@ def test_evaluate_on_a_raw_folder_applies_prepares_rules(fitted_cars5_export, ca
     with (out / "predictions.csv").open(newline="", encoding="utf-8") as handle:
         scored = sorted(Path(row["path"]).name for row in csv.DictReader(handle))
     assert scored == sorted(p.name for p in raw.glob("*/*.jpg") if p.name not in ("cut.jpg", "notes.jpg"))
+
+
+@pytest.mark.parametrize("root", ["/", "~", "/proc", "/sys/kernel", "/dev", "/usr", "/home/../"])
+def test_absurd_sources_are_refused_before_anything_is_scanned(root, tmp_path, monkeypatch, capsys):
+    source = Path(root).expanduser()
+    named = source.resolve()  # the path prepare works on: /home/../ is /
+
+    def no_scanning(*arguments, **keywords):
+        raise AssertionError(f"{source} was scanned")
+
+    for name in ("iterdir", "rglob", "glob"):
+        monkeypatch.setattr(Path, name, no_scanning)
+    monkeypatch.setattr("os.scandir", no_scanning)
+    monkeypatch.setattr("os.walk", no_scanning)
+    assert carbrand(["prepare", str(source), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(f"carbrand prepare: error: source {named} "), error
+    assert "not scanned" in error and not (tmp_path / "out").exists(), error
+
+
+def test_a_source_with_far_too_many_top_level_entries_is_refused_before_discovery(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("carbrand.prepare.sources.MAX_TOP_LEVEL_ENTRIES", 20)
+    source = tmp_path / "dump"
+    source.mkdir()
+    for index in range(21):
+        (source / f"{index}.jpg").touch()
+
+    def no_discovery(*arguments, **keywords):
+        raise AssertionError("the source was scanned")
+
+    monkeypatch.setattr("carbrand.prepare.sources.discover_imagefolder", no_discovery)
+    assert prepare(source, "--out", tmp_path / "out") == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (f"carbrand prepare: error: source {source} has more than 20 entries at its top level: not scanned; "
+                     f"a source is the folder that holds the brand folders (or train/val/test), or the Stanford Cars devkit")

@@ -18,6 +18,7 @@ from sklearn import metrics as skm
 
 from carbrand.checkpoint import plain_state_dict, save_export
 from carbrand.model import build_model
+from carbrand.prepare.command import prepare_dataset
 from tests.helpers.exports import CARS5, export_config, reference_probabilities
 from tests.helpers.paths import REPO
 from tests.helpers.subprocesses import assert_ok, subprocess_environment
@@ -270,21 +271,42 @@ def test_raw_split_tree_gives_the_prepared_results(cars5_runs, fitted_export, ca
     assert metrics["accuracy"] == reference["accuracy"]
 
 
-def test_an_image_over_the_pixel_limit_is_refused_in_one_line(fitted_export, cars5_dir, tmp_path, capsys, monkeypatch):
+def test_an_image_over_the_pixel_limit_is_refused_in_one_line(fitted_export, cars5_dir, tmp_path, capsys):
+    """The limit is the dataset's (manifest.json's max_pixels); a file over it (replaced after prepare) is one line."""
     from tests.helpers.image_factory import write_jpeg
 
-    # Lowered: cars5's largest photo has 262,094 pixels; the generated image has one column too many.
-    monkeypatch.setattr("carbrand.data.preprocessing.MAX_PIXELS", 600 * 500)  # the one constant
     raw = copy_photos(cars5_dir, tmp_path / "raw", {b: ("test", b, 3) for b in ("bmw", "mercedes")})
     huge = write_jpeg(raw / "bmw" / "huge.jpg", seed=1, size=(601, 500))
+    prepared = tmp_path / "prepared"
+    prepare_dataset(raw, prepared, quiet=True, val_frac=0.0, test_frac=0.5, near_duplicate_distance=-1)
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    # Lowered: cars5's largest photo has 262,094 pixels; the generated image has one column too many.
+    (prepared / "manifest.json").write_text(json.dumps(manifest | {"max_pixels": 600 * 500}))
+    split = "train" if "huge.jpg" in (prepared / "train.csv").read_text() else "test"
     out = tmp_path / "out"
     # torchvision with a worker process: the refusal crosses the DataLoader and still arrives as one line
-    code = evaluate_in_process("--checkpoint", fitted_export, "--data", raw, "--out", out, "--loader", "torchvision",
-                               "--workers", "1", "--batch-size", "4")
+    code = evaluate_in_process("--checkpoint", fitted_export, "--data", prepared, "--split", split, "--out", out,
+                               "--loader", "torchvision", "--workers", "1", "--batch-size", "4")
     error = capsys.readouterr().err.strip()
     assert code == 1 and error == (f"carbrand evaluate: error: {huge.resolve()}: 601x500 = 300500 pixels is over the "
-                                   f"limit of 300000 pixels"), error
+                                   f"limit of 300000 pixels (prepare --max-pixels)"), error
     assert not out.exists()
+
+
+def test_a_raw_folder_is_verified_under_the_exports_pixel_limit(fitted_export, cars5_dir, tmp_path, capsys, monkeypatch):
+    """Evaluate on a raw folder rejects an image over the limit with prepare's reason, as prepare would, and goes on."""
+    from tests.helpers.image_factory import write_jpeg
+
+    monkeypatch.setattr("carbrand.data.preprocessing.MAX_PIXELS", 600 * 500)  # the default: the export has no limit
+    raw = copy_photos(cars5_dir, tmp_path / "raw", {b: ("test", b, 3) for b in ("bmw", "mercedes")})
+    write_jpeg(raw / "bmw" / "huge.jpg", seed=1, size=(601, 500))
+    out = tmp_path / "out"
+    assert evaluate_in_process("--checkpoint", fitted_export, "--data", raw, "--out", out, "--loader", "torchvision",
+                               "--workers", "0") == 0
+    warning = capsys.readouterr().err
+    assert "1 file(s) under " in warning and ("bmw/huge.jpg: too many pixels: 601x500 = 300500 pixels is over the "
+                                              "limit of 300000 pixels (prepare --max-pixels)") in warning, warning
+    assert "huge.jpg" not in (out / "predictions.csv").read_text()
 
 
 def write_export(directory: Path, *, classes: list[str], arch_in_config: str = "resnet18", weights_arch: str = "resnet18",

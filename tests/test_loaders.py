@@ -269,7 +269,7 @@ def test_dali_loaders_refuse_an_image_over_the_pixel_limit_when_built(kind, cars
     build = eval_loader if kind == "eval" else train_loader
     with pytest.raises(DataError) as error:
         build(config("dali"), samples)
-    assert str(error.value) == f"{huge}: 601x500 = 300500 pixels is over the limit of 300000 pixels"
+    assert str(error.value) == f"{huge}: 601x500 = 300500 pixels is over the limit of 300000 pixels (prepare --max-pixels)"
     build(config("dali"), samples[:-1]).close()  # the real photos alone are fine
 
 

@@ -103,7 +103,7 @@ def test_an_image_over_the_pixel_limit_is_refused_and_the_others_predicted(expor
     assert code == 1
     assert [line.rpartition(": ")[0] for line in out.strip().splitlines()] == [str(photos["single"])]
     assert err.strip() == (f"carbrand predict: error: {huge}: 601x500 = 300500 pixels is over the limit of "
-                           f"{LOWERED_LIMIT} pixels"), err
+                           f"{LOWERED_LIMIT} pixels (prepare --max-pixels)"), err
 
 
 def test_python_api(export, photos):

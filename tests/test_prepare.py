@@ -6,6 +6,7 @@ import csv
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,7 @@ def test_max_pixels_and_min_side_are_options(tmp_path):
     write_jpeg(source / "alfa" / "large.jpg", seed=50, size=(300, 300))
     write_jpeg(source / "brio" / "large.jpg", seed=51, size=(300, 300))
     summary = prepare(source, tmp_path / "out", max_pixels=50_000, min_side=90)
-    too_many = "too many pixels: 300x300 > max_pixels 50000"
+    too_many = "too many pixels: 300x300 = 90000 pixels is over the limit of 50000 pixels (prepare --max-pixels)"
     assert reasons(summary) == {"alfa/large.jpg": too_many, "brio/large.jpg": too_many}
     summary = prepare(source, tmp_path / "out", min_side=100)
     assert len(summary.rejected) == 8  # the 120x90 images
@@ -342,3 +343,62 @@ def test_cli_prints_the_count_table(tmp_path, monkeypatch, capsys):
     assert code == 0
     assert "alfa" in stdout and "images/s" in stdout
     assert [line.split() for line in stdout.splitlines() if line.startswith("total")] == [["total", "16", "2", "2", "20"]]
+
+
+def test_a_source_of_symbolic_links_prepares_and_loads_while_broken_links_get_a_reason(cars5_dir, tmp_path):
+    """Links to photos elsewhere (files and a folder) are images like any other, their targets recorded for the
+    loaders' root check; dangling links, loops, a folder link back up the tree, a pipe and a link to a text file
+    each get a reason in manifest.json. A link re-aimed after prepare is refused by the loader."""
+    import torch
+
+    from carbrand.config import DataConfig
+    from carbrand.data.loaders import build_eval_loader, resolve_backend
+
+    elsewhere, source = tmp_path / "photos", tmp_path / "links"
+    (source / "audi").mkdir(parents=True)
+    (elsewhere / "bmw").mkdir(parents=True)
+    for index, photo_path in enumerate(sorted((cars5_dir / "train" / "audi").iterdir())[:6]):
+        shutil.copy(photo_path, elsewhere / f"audi_{index}.jpg")
+        (source / "audi" / f"{index}.jpg").symlink_to(elsewhere / f"audi_{index}.jpg")
+    for photo_path in sorted((cars5_dir / "train" / "bmw").iterdir())[:6]:
+        shutil.copy(photo_path, elsewhere / "bmw" / photo_path.name)
+    (source / "bmw").symlink_to(elsewhere / "bmw", target_is_directory=True)  # a whole brand folder linked
+    (elsewhere / "bmw" / "again").symlink_to(elsewhere / "bmw", target_is_directory=True)  # a loop back up
+    (source / "audi" / "gone.jpg").symlink_to(elsewhere / "deleted.jpg")
+    (source / "audi" / "loop.jpg").symlink_to("loop.jpg")
+    write_text(elsewhere / "notes.txt", "not a photo")
+    (source / "audi" / "notes.jpg").symlink_to(elsewhere / "notes.txt")
+    os.mkfifo(source / "audi" / "pipe.jpg")  # read_bytes() on it would wait for ever
+    (source / "stray.jpg").symlink_to(elsewhere / "nowhere.jpg")
+
+    out = tmp_path / "out"
+    summary = prepare(source, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {entry["path"]: entry["reason"] for entry in manifest["skipped"]} == {
+        "audi/gone.jpg": f"dangling symbolic link (to {elsewhere / 'deleted.jpg'}, which does not exist)",
+        "audi/loop.jpg": "symbolic link loop",
+        "audi/pipe.jpg": "not a regular file (a device, pipe or socket)",
+        "bmw/again": f"symbolic link loop: leads to a folder already listed ({source / 'bmw'})",
+        "stray.jpg": f"dangling symbolic link (to {elsewhere / 'nowhere.jpg'}, which does not exist)",
+    }
+    assert manifest["rejected"] == [{"path": "audi/notes.jpg", "reason": "not an image (Pillow cannot identify the "
+                                     f"content) (a symbolic link to {elsewhere / 'notes.txt'})"}]
+    kept = sum(summary.total(name) for name in ("train", "val", "test"))
+    assert kept == 12 and len(manifest["linked"]) == 12, manifest["linked"]
+    assert manifest["linked"]["audi/0.jpg"] == str(elsewhere / "audi_0.jpg")
+    assert manifest["linked"]["bmw/" + sorted(p.name for p in (elsewhere / "bmw").glob("*.jpg"))[0]].startswith(
+        str(elsewhere / "bmw"))
+
+    dataset = load_prepared(out)  # the root check lets exactly the recorded targets through
+    samples = [sample for name in ("train", "val", "test") for sample in dataset.split(name)]
+    data = DataConfig(loader="torchvision", decode="cpu", image_size=32, batch_size=4, workers=0)
+    loader = build_eval_loader(data, samples, backend=resolve_backend(data, torch.device("cpu")), rank=0, world_size=1,
+                               device=torch.device("cpu"), dtype=torch.float32, channels_last=False)
+    assert sum(len(labels) for _, labels, _ in loader) == 12
+
+    (source / "audi" / "0.jpg").unlink()  # re-aimed after prepare, at a file prepare never saw
+    shutil.copy(elsewhere / "audi_1.jpg", tmp_path / "planted.jpg")
+    (source / "audi" / "0.jpg").symlink_to(tmp_path / "planted.jpg")
+    with pytest.raises(DataError, match=rf"'audi/0.jpg' leads to {tmp_path / 'planted.jpg'}, outside the dataset root "
+                                        rf".*\(prepare recorded it leading to {elsewhere / 'audi_0.jpg'}\)"):
+        load_prepared(out)

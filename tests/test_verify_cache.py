@@ -82,7 +82,7 @@ def test_a_rerun_after_a_kill_reads_only_the_unfinished_files(source, tmp_path):
     assert not (out / "manifest.json").exists()  # really interrupted
     assert 0.9 * total <= len(done) < total
     with (out / CACHE_FILE).open("a") as cache:
-        cache.write('{"version": 1, "key": {"path": "')  # a line cut short by the kill must not poison the cache
+        cache.write('{"version": 2, "key": {"path": "')  # a line cut short by the kill must not poison the cache
 
     rerun = prepare_dataset(source, out, workers=1, quiet=True)
     all_paths = {str(path) for path in source.rglob("*.jpg")}

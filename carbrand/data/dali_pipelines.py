@@ -181,7 +181,7 @@ class DaliTrainLoader(TrainLoader):
         self._labels = [s.label for s in samples]
         # DALI decodes any size: refuse oversized images now, from their headers. Each rank reads
         # every world_size-th file, so together the ranks check each file once.
-        check_pixel_limits(self._files[rank::world_size])
+        check_pixel_limits(self._files[rank::world_size], data.max_pixels)
         self._output = _Output(device, dtype, channels_last)
         self._stream = None  # (iterator, pipeline) of the live pipeline
         self._stream_next: tuple[int, int] | None = None  # (epoch, batch) the live pipeline yields next
@@ -247,7 +247,7 @@ class DaliEvalLoader(EvalLoader):
         self._indices = torch.as_tensor(shard, dtype=torch.int64)
         self._labels = torch.tensor([samples[i].label for i in shard], dtype=torch.int64)
         self._files = [str(samples[i].path) for i in shard]
-        check_pixel_limits(self._files)  # DALI decodes any size: refuse oversized images now, from their headers
+        check_pixel_limits(self._files, data.max_pixels)  # DALI decodes any size: refuse oversized images now, from their headers
         self._pipeline_kwargs = dict(
             gpu=gpu, data=data, channels_last=channels_last, half=self._output.half,
             **_pipeline_args(data, gpu=gpu, device=device, seed=0),  # eval draws no random numbers

@@ -9,9 +9,11 @@ The torchvision loaders, the predictor and prepare's verification decode through
 DALI normalises inside its graph with the same numbers (data.mean, data.std), so a model
 trained through DALI sees the same numbers when `carbrand predict` feeds it one photo.
 
-preprocessing.MAX_PIXELS is the one pixel limit: prepare rejects larger images, and load_rgb
-and the DALI loaders refuse them from the header, before anything is decoded (Pillow itself
-only refuses above about 179 MP, DALI never).
+The pixel limit is set once, by `prepare --max-pixels` (preprocessing.MAX_PIXELS by default), and
+recorded in manifest.json; training carries it as data.max_pixels into the run's config and the
+export's, so evaluate, predict and serve apply the very number prepare applied. Every path checks
+it here, from the header, before anything is decoded (Pillow itself only refuses above
+PILLOW_PIXEL_LIMIT, DALI never), with one message: over_pixel_limit's.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import torch
@@ -29,6 +32,21 @@ from carbrand.errors import DataError, first_line
 
 # Header reads wait on the file system (a network one on clusters) far more than on Python.
 HEADER_THREADS = 8
+# Pillow's own hard refusal (twice its bomb warning, ~179 MP): no limit above it can be honoured.
+PILLOW_PIXEL_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
+
+
+def pixel_limit(max_pixels: int) -> int:
+    """data.max_pixels as a number: 0 (an export or config from before the limit travelled) is the default."""
+    return max_pixels or preprocessing.MAX_PIXELS
+
+
+def over_pixel_limit(width: int, height: int, max_pixels: int) -> str | None:
+    """The one message for an image over the limit (prepare's reason; after the file name everywhere else)."""
+    limit = pixel_limit(max_pixels)
+    if width * height <= limit:
+        return None
+    return f"{width}x{height} = {width * height} pixels is over the limit of {limit} pixels (prepare --max-pixels)"
 
 
 def upright_rgb(image: Image.Image) -> Image.Image:
@@ -36,34 +54,34 @@ def upright_rgb(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def load_rgb(path) -> Image.Image:
+def load_rgb(path, max_pixels: int = 0) -> Image.Image:
     """Fully decode `path` (a truncated file fails here, not half-grey later) as upright RGB.
 
-    An image over the pixel limit is a DataError naming the file, raised from the header before decoding.
+    An image over the pixel limit (data.max_pixels; 0 = the default) is a DataError naming the file, raised
+    from the header before decoding.
     """
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit, lower, is checked instead
-        image = open_within_pixel_limit(path)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit is checked instead
+        image = open_within_pixel_limit(path, max_pixels)
     with image:
         image.load()
         return upright_rgb(image)
 
 
-def open_within_pixel_limit(path) -> Image.Image:
-    """Image.open (which parses only the header), refusing more than preprocessing.MAX_PIXELS pixels."""
-    limit = preprocessing.MAX_PIXELS  # read at each call: one constant, wherever it is set
+def open_within_pixel_limit(path, max_pixels: int = 0) -> Image.Image:
+    """Image.open (which parses only the header), refusing more pixels than the limit."""
     try:
         image = Image.open(path)
-    except Image.DecompressionBombError as error:  # Pillow's own hard limit, far above ours
-        raise DataError(f"{path}: {first_line(error)} (the limit is {limit} pixels)") from None
-    width, height = image.size
-    if width * height > limit:
+    except Image.DecompressionBombError as error:  # Pillow's own hard limit, at or above ours
+        raise DataError(f"{path}: {first_line(error)} (the limit is {pixel_limit(max_pixels)} pixels)") from None
+    problem = over_pixel_limit(image.width, image.height, max_pixels)
+    if problem:
         image.close()
-        raise DataError(f"{path}: {width}x{height} = {width * height} pixels is over the limit of {limit} pixels")
+        raise DataError(f"{path}: {problem}")
     return image
 
 
-def check_pixel_limits(paths: Sequence[str]) -> None:
+def check_pixel_limits(paths: Sequence[str], max_pixels: int = 0) -> None:
     """Read each file's header (threads, no decoding); the first file over the pixel limit or unreadable is a DataError.
 
     For loaders that decode outside Python (DALI): about 50 ms per 1,000 cars5 photos on a warm cache.
@@ -71,13 +89,13 @@ def check_pixel_limits(paths: Sequence[str]) -> None:
     with warnings.catch_warnings():  # set here, for the pool's threads: the filter list is per process
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with ThreadPoolExecutor(max_workers=HEADER_THREADS) as pool:
-            for _ in pool.map(_check_header, paths):
+            for _ in pool.map(partial(_check_header, max_pixels=max_pixels), paths):
                 pass
 
 
-def _check_header(path: str) -> None:
+def _check_header(path: str, max_pixels: int) -> None:
     try:
-        open_within_pixel_limit(path).close()
+        open_within_pixel_limit(path, max_pixels).close()
     except (OSError, UnidentifiedImageError) as error:
         raise DataError(f"{path}: cannot read the image header ({type(error).__name__}: {first_line(error)})") from None
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from carbrand.car_models import CAR_MODELS_FILE, CarModel, read_car_models
+from carbrand.data.preprocessing import MAX_PIXELS
 from carbrand.errors import DataError
 
 FORMAT_VERSION = 1
@@ -62,23 +63,35 @@ def safe_relative_path(root: Path, relative: str, where: str) -> Path:
 
 
 class RootGuard:
-    """Refuses image paths that really lead outside the dataset root: a symlinked file or folder pointing elsewhere.
+    """Refuses image paths that really lead outside the dataset root: a symlinked file or folder pointing elsewhere,
+    unless it leads exactly where it led when prepare verified it (manifest.json's `linked`).
 
     A symlink that stays inside the root is fine. One listing per folder tells which entries are
     symlinks, and only those are resolved one by one: a split of a million images costs a listing
     per brand folder, not a system call per image.
+
+    Why a recorded link may pass: the guard keeps a dataset from reading files prepare never
+    vetted, e.g. a link planted or re-aimed in a shared image folder after prepare. A link that
+    prepare followed was in the source its user chose, its target was decoded as a photo, and
+    only that one target file (not its folder, not wherever the link leads later) is let through.
+    That opens nothing new to someone who can edit manifest.json: they can already set its
+    `root` to any absolute folder.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, linked: dict[str, str] | None = None):
         self.root = root
         self.real_root = Path(os.path.realpath(root))
+        self.linked = linked or {}  # CSV path -> the target prepare verified outside the root
         self._folders: dict[Path, tuple[Path, frozenset[str]]] = {}  # folder -> (where it really is, its symlinks)
 
     def check(self, path: Path, relative: str, where: str) -> None:
         real_folder, symlinks = self._folders.get(path.parent) or self._scan(path.parent)
         real = Path(os.path.realpath(path)) if path.name in symlinks else real_folder / path.name
-        if not real.is_relative_to(self.real_root):
-            raise DataError(f"{where}: image path {relative!r} leads to {real}, outside the dataset root {self.real_root}")
+        if not real.is_relative_to(self.real_root) and self.linked.get(relative) != str(real):
+            recorded = self.linked.get(relative)
+            was = f" (prepare recorded it leading to {recorded})" if recorded else ""
+            raise DataError(f"{where}: image path {relative!r} leads to {real}, outside the dataset root "
+                            f"{self.real_root}{was}")
 
     def _scan(self, folder: Path) -> tuple[Path, frozenset[str]]:
         try:
@@ -107,6 +120,29 @@ def dataset_root(directory: Path, info: dict[str, Any]) -> Path:
 
 def load_prepared(directory: str | Path) -> PreparedDataset:
     directory = Path(directory)
+    info = read_manifest(directory)
+    root = dataset_root(directory, info)
+    classes = _read_classes(directory / "classes.json")
+    car_models = read_car_models(directory / CAR_MODELS_FILE, classes) if (directory / CAR_MODELS_FILE).is_file() else None
+    guard = RootGuard(root, _linked(directory / "manifest.json", info))
+    splits = {name: _read_split(directory / f"{name}.csv", guard, classes, car_models)
+              for name in SPLITS if (directory / f"{name}.csv").is_file()}
+    if not splits.get("train") and not splits.get("test"):
+        raise DataError(f"{directory}: no samples in any split")
+    return PreparedDataset(directory=directory, root=root, classes=classes, splits=splits, info=info, car_models=car_models)
+
+
+def recorded_max_pixels(directory: Path, info: dict[str, Any]) -> int:
+    """The pixel limit prepare applied (--max-pixels), from manifest.json: every reader of the dataset applies it too."""
+    manifest_path = directory / "manifest.json"
+    value = info.get("max_pixels", MAX_PIXELS)  # absent: a manifest from before it was recorded, made with the default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise DataError(f"{manifest_path}: 'max_pixels' must be a positive number of pixels; got {value!r}")
+    return value
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """manifest.json as a dict, its format version checked."""
     manifest_path = directory / "manifest.json"
     if not directory.is_dir():
         raise DataError(f"prepared dataset not found: {directory} (run `carbrand prepare SOURCE --out {directory}`)")
@@ -124,14 +160,7 @@ def load_prepared(directory: str | Path) -> PreparedDataset:
             f"{manifest_path} has format_version {version!r}; this carbrand reads {FORMAT_VERSION}: "
             f"run `carbrand prepare` again on the source"
         )
-    root = dataset_root(directory, info)
-    classes = _read_classes(directory / "classes.json")
-    car_models = read_car_models(directory / CAR_MODELS_FILE, classes) if (directory / CAR_MODELS_FILE).is_file() else None
-    splits = {name: _read_split(directory / f"{name}.csv", root, classes, car_models)
-              for name in SPLITS if (directory / f"{name}.csv").is_file()}
-    if not splits.get("train") and not splits.get("test"):
-        raise DataError(f"{directory}: no samples in any split")
-    return PreparedDataset(directory=directory, root=root, classes=classes, splits=splits, info=info, car_models=car_models)
+    return info
 
 
 def _read_classes(path: Path) -> list[str]:
@@ -148,8 +177,16 @@ def _read_classes(path: Path) -> list[str]:
     return classes
 
 
-def _read_split(path: Path, root: Path, classes: list[str], car_models: list[CarModel] | None) -> list[Sample]:
-    samples, guard = [], RootGuard(root)
+def _linked(manifest_path: Path, info: dict[str, Any]) -> dict[str, str]:
+    """manifest.json's `linked` (absent before symlinked sources were recorded: then none may leave the root)."""
+    linked = info.get("linked", {})
+    if not isinstance(linked, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in linked.items()):
+        raise DataError(f"{manifest_path}: 'linked' must map image paths to the files they link to; got {linked!r:.80}")
+    return linked
+
+
+def _read_split(path: Path, guard: RootGuard, classes: list[str], car_models: list[CarModel] | None) -> list[Sample]:
+    samples, root = [], guard.root
     car_model_index = {m.name: i for i, m in enumerate(car_models or [])}
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)

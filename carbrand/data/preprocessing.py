@@ -7,9 +7,10 @@ a single photo through PIL.
 
 from __future__ import annotations
 
-# The one pixel limit: prepare rejects larger images, and every path that reads one refuses it
-# from the header, before decoding (images.py). Below Pillow's own bomb warning (89.5 MP);
-# larger is not a car photo.
+# The default pixel limit (`prepare --max-pixels`, which manifest.json records and training carries
+# into the export as data.max_pixels): every path that reads an image refuses a larger one from its
+# header, before decoding (images.py). Below Pillow's own bomb warning (89.5 MP); larger is rarely
+# a car photo.
 MAX_PIXELS = 80_000_000
 
 # The normalisation is not here but in the config (data.mean, data.std: what the weights expect,

@@ -59,6 +59,7 @@ class TrainDataset(Dataset):
 
     def __init__(self, samples: Sequence[Sample], data: DataConfig):
         self.samples, self.image_size, self.crop_scale_min = samples, data.image_size, data.crop_scale_min
+        self.max_pixels = data.max_pixels
         self.augment = torchvision_augment(data.augment, ops=data.randaugment_ops, magnitude=data.randaugment_magnitude)
 
     def __len__(self) -> int:
@@ -67,7 +68,7 @@ class TrainDataset(Dataset):
     def __getitem__(self, key: tuple[int, tuple[int, ...]]) -> tuple[torch.Tensor, int]:
         index, entropy = key
         sample = self.samples[index]
-        image = load_rgb(sample.path)
+        image = load_rgb(sample.path, self.max_pixels)
         rng = np.random.default_rng(entropy)
         top, left, h, w = random_resized_crop_box(image.width, image.height, self.crop_scale_min, rng)
         image = F.resized_crop(image, top, left, h, w, [self.image_size, self.image_size],
@@ -92,15 +93,15 @@ def eval_transform(image: Image.Image, image_size: int, crop_fraction: float) ->
 class EvalDataset(Dataset):
     """Resize the shorter side to image_size / crop_fraction, centre-crop image_size."""
 
-    def __init__(self, samples: Sequence[Sample], image_size: int, crop_fraction: float):
-        self.samples, self.image_size, self.crop_fraction = samples, image_size, crop_fraction
+    def __init__(self, samples: Sequence[Sample], image_size: int, crop_fraction: float, max_pixels: int = 0):
+        self.samples, self.image_size, self.crop_fraction, self.max_pixels = samples, image_size, crop_fraction, max_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         sample = self.samples[index]
-        return eval_transform(load_rgb(sample.path), self.image_size, self.crop_fraction), sample.label, index
+        return eval_transform(load_rgb(sample.path, self.max_pixels), self.image_size, self.crop_fraction), sample.label, index
 
 
 class TrainSampler(Sampler):
@@ -167,7 +168,7 @@ class TorchEvalLoader(EvalLoader):
     def __init__(self, data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int,
                  device: torch.device, dtype: torch.dtype, channels_last: bool):
         super().__init__(len(samples), rank=rank, world_size=world_size, batch_size=data.batch_size)
-        dataset = EvalDataset(samples, data.eval_size, data.eval_crop_fraction)
+        dataset = EvalDataset(samples, data.eval_size, data.eval_crop_fraction, data.max_pixels)
         # A plain list of indices as the sampler: in order, no padding, last batch partial.
         self._loader = DataLoader(dataset, sampler=self.shard.tolist(), drop_last=False, **_loader_args(data, device))
         self._normalize = Normalizer(device, dtype, channels_last, mean=data.mean, std=data.std)

@@ -54,7 +54,7 @@ def jpeg(image: Image.Image, quality: int = 85) -> bytes:
 
 
 def build_gallery(mistakes: list, classes: list[str], per_brand: int,
-                  explain: Explainer | None) -> list[GalleryBrand]:
+                  explain: Explainer | None, max_pixels: int = 0) -> list[GalleryBrand]:
     """Each true brand's most confident mistakes (ScoredSample, the most confident first), with thumbnails and
     Grad-CAM overlays.
 
@@ -71,7 +71,7 @@ def build_gallery(mistakes: list, classes: list[str], per_brand: int,
             r = sample.record
             item = GalleryItem(sample.path, brand, classes[r.predicted], r.confidence, r.calibrated_confidence)
             try:
-                photo = load_rgb(Path(sample.path))
+                photo = load_rgb(Path(sample.path), max_pixels)
                 if explain is not None:
                     item.overlay = jpeg(overlay(photo, explain(photo, r.predicted), max_side=THUMBNAIL_SIDE))
                 photo.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))

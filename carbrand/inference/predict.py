@@ -91,12 +91,15 @@ class Prediction:
                          for b in self.topk]}
 
 
-def load_image(path: Path) -> Image.Image:
-    """Fully decoded RGB with EXIF orientation applied; a DataError naming the file otherwise."""
+def load_image(path: Path, max_pixels: int = 0) -> Image.Image:
+    """Fully decoded RGB with EXIF orientation applied; a DataError naming the file otherwise.
+
+    `max_pixels`: the export's data.max_pixels, the limit its training data was prepared with (0 = the default).
+    """
     try:
         if path.stat().st_size == 0:
             raise DataError(f"{path}: empty file (0 bytes)")
-        return load_rgb(path)
+        return load_rgb(path, max_pixels)
     except DataError:
         raise
     except FileNotFoundError:
@@ -151,7 +154,7 @@ class Predictor:
             if isinstance(item, Image.Image):
                 image, source = upright_rgb(item), f"<image {number}>"
             else:
-                image, source = load_image(Path(item)), str(item)
+                image, source = load_image(Path(item), self.data.max_pixels), str(item)
             crops.append(self.preprocess(image))
             sources.append(source)
         return self.predict_crops(crops, sources, topk=topk, batch_size=batch_size)
@@ -177,7 +180,7 @@ class Predictor:
 
     def explain(self, item, brand: str | None = None) -> tuple[Image.Image, Explanation]:
         """(upright photo, Grad-CAM of `brand` or of the top-1 brand) for a path or a PIL image."""
-        photo = upright_rgb(item) if isinstance(item, Image.Image) else load_image(Path(item))
+        photo = upright_rgb(item) if isinstance(item, Image.Image) else load_image(Path(item), self.data.max_pixels)
         if brand is not None and brand not in self.classes:
             raise UsageError(f"--brand {brand!r} is not a brand this model knows ({', '.join(self.classes)})")
         label = self.classes.index(brand) if brand is not None else None
@@ -234,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
     crops, sources = [], []
     for path in files:
         try:
-            crops.append(predictor.preprocess(load_image(path)))
+            crops.append(predictor.preprocess(load_image(path, predictor.data.max_pixels)))
             sources.append(str(path))
         except DataError as error:
             errors.append({"path": str(path), "error": str(error).removeprefix(f"{path}: ")})

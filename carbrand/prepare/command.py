@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from carbrand.car_models import CarModel
+from carbrand.data.images import PILLOW_PIXEL_LIMIT
 from carbrand.data.manifest import SPLITS, Sample
 from carbrand.errors import DataError, UsageError
 from carbrand.prepare.duplicates import DEFAULT_NEAR_DUPLICATE_DISTANCE, duplicate_groups
@@ -106,7 +107,8 @@ def prepare_dataset(source: str | Path, out: str | Path, options: PrepareOptions
             cache.close()
     accepted = [i for i, check in enumerate(verified.checks) if check.accepted]
     rejected = sorted(
-        ({"path": _relative(found, check.path), "reason": check.reason} for check in verified.checks if not check.accepted),
+        ({"path": _relative(found, check.path), "reason": check.reason + _link_note(item)}
+         for check, item in zip(verified.checks, found.items) if not check.accepted),
         key=lambda entry: entry["path"],
     )
     if not accepted:
@@ -149,6 +151,7 @@ def prepare_dataset(source: str | Path, out: str | Path, options: PrepareOptions
     )
     timings = {"scan_s": scanned - started, "verify_s": verified.seconds, "duplicates_s": duplicates_seconds, "total_s": time.perf_counter() - started}
     summary.manifest = _manifest(summary, options, found, source, checks, given_split, test_frac, leaks, timings)
+    summary.manifest["linked"] = _linked(found, [item for item, split in zip(items, plan.splits) if split], options.crop_boxes)
     write_prepared(out, root, classes, splits, summary.manifest, car_models)
     if cache is not None:
         cache.compact()
@@ -210,6 +213,9 @@ def _validated(options: PrepareOptions) -> PrepareOptions:
         raise UsageError(f"--workers {options.workers} must be at least 1")
     if options.min_side < 1 or options.max_pixels < 1:
         raise UsageError(f"--min-side {options.min_side} and --max-pixels {options.max_pixels} must be positive")
+    if options.max_pixels > PILLOW_PIXEL_LIMIT:
+        raise UsageError(f"--max-pixels {options.max_pixels} is above {PILLOW_PIXEL_LIMIT}, where Pillow itself refuses "
+                         f"to decode (a decompression-bomb guard): no reader could open such an image")
     if not -1 <= options.near_duplicate_distance <= 64:
         raise UsageError(f"--near-duplicate-distance {options.near_duplicate_distance} must be in -1..64 (bits of a 64-bit hash; -1 = off)")
     return options
@@ -228,6 +234,17 @@ def _task(item: SourceItem, found: Source, out: Path, crop_boxes: bool) -> Verif
         return VerifyTask(path=item.path)
     crop_path = (out / CROPS_FOLDER / item.path.relative_to(found.root)).with_suffix(".jpg")
     return VerifyTask(path=item.path, crop_box=item.box, crop_path=crop_path)
+
+
+def _link_note(item: SourceItem) -> str:
+    return f" (a symbolic link to {item.linked_to})" if item.linked_to else ""
+
+
+def _linked(found: Source, items: list[SourceItem], crop_boxes: bool) -> dict[str, str]:
+    """CSV path -> where its link leads outside the root: the only targets the loaders' root check lets through."""
+    if crop_boxes:  # the CSVs name the crops, regular files written under OUT/crops/
+        return {}
+    return {_relative(found, item.path): str(item.linked_to) for item in items if item.linked_to}
 
 
 def _relative(found: Source, path: Path) -> str:
@@ -310,7 +327,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
     parser.add_argument("--workers", type=int, default=None, help="verification processes (default: all cores)")
     parser.add_argument("--min-side", type=int, default=DEFAULT_MIN_SIDE, help=f"reject images whose short side is below this many pixels (default: {DEFAULT_MIN_SIDE})")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help=f"reject images with more pixels, e.g. decompression bombs (default: {DEFAULT_MAX_PIXELS})")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help=f"reject images with more pixels, e.g. decompression bombs (default: {DEFAULT_MAX_PIXELS}); "
+                             f"recorded in manifest.json, training, evaluate, predict and serve apply the same limit")
     parser.add_argument("--near-duplicate-distance", type=int, default=DEFAULT_NEAR_DUPLICATE_DISTANCE, help=f"max perceptual-hash distance in bits for near duplicates (default: {DEFAULT_NEAR_DUPLICATE_DISTANCE}; -1 = exact duplicates only)")
     parser.add_argument("--keep-leaked", action="store_true", help="keep training copies of test/val images (default: remove them; listed either way)")
     parser.add_argument("--crop-boxes", action="store_true", help="Stanford Cars: crop to the annotated bounding box (crops written to OUT/crops/)")

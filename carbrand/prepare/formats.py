@@ -36,6 +36,7 @@ class SourceItem:
     given_split: str | None = None  # "train"/"val"/"test" when the source already fixes it
     box: tuple[int, int, int, int] | None = None  # x1, y1, x2, y2 (1-based, inclusive), Stanford Cars only
     car_model: str | None = None  # "Audi R8 Coupe 2012": the finer class inside the brand, Stanford Cars only
+    linked_to: Path | None = None  # where a symbolic link (of the file or a folder above it) leads, when outside the root
 
 
 @dataclass

@@ -27,8 +27,8 @@ import imagehash
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
-from carbrand.data.images import upright_rgb
-from carbrand.data.preprocessing import MAX_PIXELS as DEFAULT_MAX_PIXELS  # the one pixel limit, shared with the loaders
+from carbrand.data.images import over_pixel_limit, upright_rgb
+from carbrand.data.preprocessing import MAX_PIXELS as DEFAULT_MAX_PIXELS  # the default; manifest.json records the one used
 from carbrand.prepare.verify_cache import CacheKey, VerifyCache, cache_key, crop_file_size
 
 # px. Real photos are small more often than expected: 65 of the 8,144 Stanford Cars training photos have
@@ -91,9 +91,9 @@ def _decode(task: VerifyTask, data: bytes, sha1: str, limits: Limits) -> ImageCh
             return _reject(task, "not an image (Pillow cannot identify the content)", sha1)
         except Image.DecompressionBombError as error:
             return _reject(task, f"too many pixels (decompression bomb): {error}", sha1)
-        pixels = image.width * image.height
-        if pixels > limits.max_pixels:
-            return _reject(task, f"too many pixels: {image.width}x{image.height} > max_pixels {limits.max_pixels}", sha1)
+        problem = over_pixel_limit(image.width, image.height, limits.max_pixels)
+        if problem:  # the loaders' own words: prepare rejects exactly what they would refuse
+            return _reject(task, f"too many pixels: {problem}", sha1)
         try:
             image.load()  # the full decode; header-only checks miss truncated files
         except OSError as error:

@@ -20,7 +20,7 @@ from typing import IO, Any
 from carbrand.filesystem import write_text_atomically
 
 CACHE_FILE = "verify_cache.jsonl"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the pixel-limit reason in the loaders' words (an entry of 1 would keep the old wording)
 FIELDS = ("path", "accepted", "reason", "width", "height", "sha1", "phash")
 
 

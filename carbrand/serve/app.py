@@ -84,7 +84,7 @@ def create_app(settings: ServeSettings, predictor) -> FastAPI:
         topk = requested_topk(request, settings.topk, len(predictor.classes))
         explain = requested_flag(request, "explain")
         uploads = await receive_uploads(request, settings)
-        photos = await run_in_threadpool(decode_photos, uploads)
+        photos = await run_in_threadpool(decode_photos, uploads, predictor.data.max_pixels)
         crops = await run_in_threadpool(lambda: [predictor.preprocess(photo) for photo in photos])
         try:
             result = await batcher.predict(crops, [upload.filename for upload in uploads])

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
 
-from carbrand.checkpoint import find_resume_checkpoint
+from carbrand.checkpoint import find_resume_checkpoint, recover_run_dir_after_crash
 from carbrand.errors import CarbrandError
 
 LOCK_FILE = "train.lock"
@@ -91,7 +91,10 @@ def process_alive(holder: LockHolder) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # someone else's process: it exists
+        # The pid runs as another user (a colleague's training in a shared output.dir): it exists.
+        # Taking the lock over here would let two trainings write one run directory, so only the
+        # start time below (readable in /proc whatever the owner) may still prove it a reused pid.
+        pass
     current = process_start_ticks(holder.pid)
     return not (holder.process_start and current and current != holder.process_start)  # else a reused pid
 
@@ -227,7 +230,8 @@ def lock_run_dir(accelerator, lock: RunDirLock, resume: str, resumed_from: Path 
     Called after the resume checkpoint was picked and read, before the first write (a bad input
     still writes nothing). Under the lock, rank 0 checks that the pick is still the newest
     complete checkpoint: a newer one means the stale lock's owner was still saving while we
-    picked; resuming from the older one would silently drop its steps.
+    picked; resuming from the older one would silently drop its steps. Then it puts back a best/
+    that a save killed mid-swap left aside and removes that save's temporaries.
     """
 
     answer: list = [None]
@@ -239,6 +243,7 @@ def lock_run_dir(accelerator, lock: RunDirLock, resume: str, resumed_from: Path 
                 lock.release()
                 raise RunDirLocked(f"{newest} appeared while this training started (the previous one was still "
                                    f"saving); start again to resume from it")
+            recover_run_dir_after_crash(lock.run_dir)  # only the lock holder may move a dead writer's leftovers
         except CarbrandError as error:
             answer = [error]
     if accelerator.num_processes > 1:

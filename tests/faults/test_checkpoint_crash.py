@@ -1,5 +1,6 @@
 """Killed while writing a checkpoint: the half-written one is never resumed from; the previous one still loads."""
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from carbrand.checkpoint import find_resume_checkpoint, load_export_model, load_training_checkpoint
+from carbrand.inference.predict import Predictor
 from carbrand.model import build_model, load_classifier_state
 from tests.helpers.fault_runs import TINY, fault_environment, start_training
 from tests.helpers.paths import HELPERS, REPO
@@ -77,3 +79,30 @@ def test_kill_while_replacing_best_keeps_the_old_export(tmp_path):
     torch.manual_seed(0)
     first = build_model("resnet18", 5).state_dict()
     assert all(torch.equal(first[k], v) for k, v in model.state_dict().items()), "best/ must still be the first export"
+
+
+@pytest.mark.slow
+def test_kill_between_the_two_renames_of_best_leaves_a_loadable_best(prepared_cars5, cars5_dir, tmp_path, capfd):
+    """best/ renamed aside to .old-best-PID, the new one not yet renamed in: readers and the next run put it back."""
+    run_dir = tmp_path / "run"
+    every_two = ("data.loader=torchvision", "train.max_steps=6", "train.log_every=2", "train.eval_every_steps=2",
+                 "train.checkpoint_every_steps=2", "train.best_metric=last")
+    wrapper = [sys.executable, str(HELPERS / "kill_during_swap.py"), "best"]
+    run = start_training(prepared_cars5, run_dir, *every_two, logs=tmp_path / "logs", wrapper=wrapper)
+    assert run.wait(timeout=300) == -9, run.stderr[-3000:]
+    left = sorted(p.name for p in run_dir.iterdir() if p.name.startswith((".old-best-", ".tmp-best-")))
+    assert not (run_dir / "best").exists() and [name[:9] for name in left] == [".old-best", ".tmp-best"], left
+    untouched = tmp_path / "untouched"
+    shutil.copytree(run_dir, untouched, symlinks=True)  # for the next training, before any reader restores best/
+
+    model, export = load_export_model(run_dir / "best")  # a reader: evaluate, calibrate and serve load the same way
+    assert export.classes == ["audi", "bmw", "ferrari", "lamborghini", "mercedes"]
+    assert f"restored it from {left[0]}" in capfd.readouterr().err
+    photo = sorted((cars5_dir / "test" / "bmw").iterdir())[0]
+    assert Predictor.from_checkpoint(run_dir / "best", device="cpu").predict([photo], topk=1)[0].topk[0].brand in export.classes
+
+    result = run_training(prepared_cars5, untouched, *TINY, *every_two, env=fault_environment())  # train.resume: auto
+    assert_ok(result)
+    assert "restored it from .old-best-" in result.stderr, result.stderr[-3000:]
+    load_export_model(untouched / "best")
+    assert not [p.name for p in untouched.iterdir() if p.name.startswith((".old-", ".tmp-"))], "leftovers removed"

@@ -161,3 +161,29 @@ def test_processes_taking_over_a_stale_lock_at_once_only_one_wins(tmp_path):
     results = sorted(out.strip() for out, _ in outcomes)
     assert results == ["lost"] * 5 + ["won"], outcomes
     assert not (run_dir / LOCK_FILE).exists() and list(run_dir.iterdir()) == []
+
+
+def test_a_holder_running_as_another_user_is_alive_and_keeps_its_lock(tmp_path, live_process, monkeypatch):
+    """Run as root, the suite never sees os.kill(pid, 0) refuse: inject it. That refusal means the pid exists."""
+    for name in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    run_dir = tmp_path / "run"
+    holder = holder_for(live_process.pid)  # its recorded start time is the live process's: not a reused pid
+    write_lock(run_dir, holder)
+
+    def another_users_process(pid, signal_number):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("carbrand.training.run_lock.os.kill", another_users_process)
+    with pytest.raises(RunDirLocked) as refused:
+        RunDirLock(run_dir).acquire()
+    message = str(refused.value)
+    assert "\n" not in message and f"lock file {run_dir / LOCK_FILE}" in message, message
+    assert f"host {holder.host}, pid {live_process.pid}, started {holder.started}" in message, message
+    assert json.loads((run_dir / LOCK_FILE).read_text())["token"] == "theirs", "the lock was taken over"
+
+    # the pid refuses the signal but started at another time: another user's process reusing a dead holder's pid
+    write_lock(run_dir, replace(holder, process_start="1"))
+    lock = RunDirLock(run_dir)
+    lock.acquire()
+    lock.release()
