@@ -111,7 +111,7 @@ def ece_of_a_calibrated_model(confidences: torch.Tensor, num_bins: int = 15, dra
     means) and measures the ECE of that draw; an ECE inside this spread is as good as a test set
     of this size can show.
     """
-    confidences = confidences.double().cpu()
+    confidences = confidences.double().cpu().sort().values  # one answer for one set of images, in any order
     if len(confidences) == 0:
         return 0.0, 0.0
     uppers = torch.linspace(0, 1, num_bins + 1, dtype=torch.float64)[1:-1]

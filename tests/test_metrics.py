@@ -135,3 +135,9 @@ def test_ece_of_a_calibrated_model_is_what_perfect_calibration_measures_on_that_
     assert 0.05 < mean < 0.15, "100 images: ECE cannot be measured far below 0.1"
     assert M.ece_of_a_calibrated_model(torch.ones(50, dtype=torch.float64)) == (0.0, 0.0)
     assert M.ece_of_a_calibrated_model(torch.from_numpy(np.tile(confidences, 100)))[0] < mean / 5
+
+
+def test_ece_of_a_calibrated_model_does_not_depend_on_the_order_of_the_images():
+    confidences = torch.rand(300, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    shuffled = confidences[torch.randperm(300, generator=torch.Generator().manual_seed(2))]
+    assert M.ece_of_a_calibrated_model(confidences) == M.ece_of_a_calibrated_model(shuffled)
