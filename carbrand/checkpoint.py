@@ -31,8 +31,8 @@ from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 
-from carbrand.config import Config, config_from_dict, safe_yaml_load, save_config
 from carbrand.car_models import CAR_MODELS_FILE, CarModel, brand_indices, car_models_from_json, car_models_json
+from carbrand.config import Config, config_from_dict, safe_yaml_load, save_config
 from carbrand.errors import CarbrandError, ConfigError, first_line
 from carbrand.filesystem import (read_directory_consistently, restore_interrupted_swap, warn_if_short_of_space,
                                  write_directory_atomically)
