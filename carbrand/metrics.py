@@ -68,6 +68,13 @@ def top_k_hits(top_labels: torch.Tensor, targets: torch.Tensor) -> float:
     return float(hits.double().mean())
 
 
+def confidence_bins(confidences: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Each confidence's bin: equal widths over (0, 1], b/num_bins < c <= (b+1)/num_bins (bin 0 also takes c = 0)."""
+    # bucketize(right=False): bin b holds uppers[b-1] < c <= uppers[b], the usual ECE convention
+    uppers = torch.linspace(0, 1, num_bins + 1, dtype=torch.float64)[1:-1]
+    return torch.bucketize(confidences, uppers, right=False)
+
+
 def calibration_bins(confidences: torch.Tensor, correct: torch.Tensor, num_bins: int = 15) -> list[dict[str, float]]:
     """Reliability diagram data: equal-width bins over (0, 1] of the max softmax probability.
 
@@ -75,9 +82,7 @@ def calibration_bins(confidences: torch.Tensor, correct: torch.Tensor, num_bins:
     """
     confidences = confidences.double().cpu()
     correct = correct.double().cpu()
-    # bucketize(right=False): bin b holds uppers[b-1] < c <= uppers[b], the usual ECE convention
-    uppers = torch.linspace(0, 1, num_bins + 1, dtype=torch.float64)[1:-1]
-    bins = torch.bucketize(confidences, uppers, right=False)
+    bins = confidence_bins(confidences, num_bins)
     counts = torch.bincount(bins, minlength=num_bins).double()
     confidence_sums = torch.bincount(bins, weights=confidences, minlength=num_bins)
     correct_sums = torch.bincount(bins, weights=correct, minlength=num_bins)
@@ -114,8 +119,7 @@ def ece_of_a_calibrated_model(confidences: torch.Tensor, num_bins: int = 15, dra
     confidences = confidences.double().cpu().sort().values  # one answer for one set of images, in any order
     if len(confidences) == 0:
         return 0.0, 0.0
-    uppers = torch.linspace(0, 1, num_bins + 1, dtype=torch.float64)[1:-1]
-    bins = torch.bucketize(confidences, uppers, right=False)  # the bins of calibration_bins
+    bins = confidence_bins(confidences, num_bins)
     counts = torch.bincount(bins, minlength=num_bins).double()
     confidence_sums = torch.bincount(bins, weights=confidences, minlength=num_bins)
     generator = torch.Generator().manual_seed(seed)

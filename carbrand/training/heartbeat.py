@@ -18,7 +18,7 @@ import time
 
 import torch.distributed as dist
 
-KEY = "carbrand/heartbeat/{rank}"
+KEY = "carbrand.heartbeat.{rank}"  # a c10d store key, not a path
 
 
 class Heartbeat:
