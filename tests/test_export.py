@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from carbrand.checkpoint import load_export_model
 from carbrand.cli import main
 from carbrand.data.images import Normalizer, load_rgb
 from carbrand.data.manifest import load_prepared
+from carbrand.data.preprocessing import MAX_PIXELS
 from carbrand.data.torch_loader import eval_transform
 
 LOGIT_TOLERANCE = 1e-4  # max abs difference, fp32
@@ -81,9 +83,22 @@ def check_contract(out: Path, checkpoint: Path, model_file: str, image_size: int
     assert contract["model_file"] == model_file
     assert contract["input"]["shape"] == ["batch", 3, image_size, image_size]
     assert contract["input"]["layout"] == "NCHW"
+    assert contract["input"]["max_pixels"] == MAX_PIXELS  # an export from before the limit travelled: the default
     assert contract["input"]["normalisation"]["mean"] == [0.485, 0.456, 0.406]
     assert json.loads((out / "classes.json").read_text()) == json.loads((checkpoint / "classes.json").read_text())
     assert contract["calibration_file"] is None and not (out / "calibration.json").exists()
+
+
+def test_the_contract_names_the_pixel_limit_the_training_data_was_prepared_with(fitted_cars5_export, tmp_path):
+    import shutil
+
+    checkpoint = tmp_path / "best"
+    shutil.copytree(fitted_cars5_export, checkpoint)
+    config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    config["data"]["max_pixels"] = 12_000_000  # prepare --max-pixels 12000000
+    (checkpoint / "config.yaml").write_text(yaml.safe_dump(config))
+    out = export(checkpoint, "torchscript", tmp_path / "ts")
+    assert json.loads((out / "contract.json").read_text())["input"]["max_pixels"] == 12_000_000
 
 
 def test_calibration_is_copied_and_named_in_the_contract(fitted_cars5_export, tmp_path):

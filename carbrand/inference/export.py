@@ -29,6 +29,7 @@ import torch
 
 from carbrand.checkpoint import load_export_model
 from carbrand.command_line import run_command_module
+from carbrand.data.images import pixel_limit
 from carbrand.data.preprocessing import eval_resize_size
 from carbrand.errors import CarbrandError, UsageError, first_line
 from carbrand.filesystem import write_directory_atomically
@@ -120,6 +121,8 @@ def input_contract(export, format: str, has_calibration: bool) -> dict:
             "layout": "NCHW",
             "shape": ["batch", 3, data.eval_size, data.eval_size],
             "color": "RGB, EXIF orientation applied",
+            # the limit the training data was prepared with: predict and serve refuse larger photos
+            "max_pixels": pixel_limit(data.max_pixels),
             "resize": {
                 "shorter_side": eval_resize_size(data.eval_size, data.eval_crop_fraction),
                 "center_crop": data.eval_size,
