@@ -77,9 +77,9 @@ def record_error_for_launcher(line: str) -> None:
     path = os.environ.get(ERROR_FILE_VARIABLE)
     if not path:
         return
-    record = {"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}
+    entry = {"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}
     try:
-        Path(path).write_text(json.dumps(record))
+        Path(path).write_text(json.dumps(entry))
     except OSError:
         pass  # the report then lacks the line; stderr has it already
 
