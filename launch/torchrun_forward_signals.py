@@ -98,17 +98,32 @@ def main(argv: list[str]) -> int:
     for name in ("TORCHELASTIC_SIGNALS_TO_HANDLE", "PET_SIGNALS_TO_HANDLE"):
         os.environ[name] = "SIGINT,SIGHUP,SIGQUIT"
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
     from torch.distributed.run import parse_args, run
 
+    args = parse_args(argv)
     try:
         # torchrun's `main` without its @record, whose only work here would be an error log line saying that
         # this launcher has no error file of its own to copy the failed worker's into
-        run(parse_args(argv))
+        run(args)
         return 0
     except ChildFailedError as error:
         return failed_exit_code(error, stop_requested=forwarder.received is not None)
+    except RendezvousConnectionError as error:
+        # The launcher serving the rendezvous store (node 0's) is gone, e.g. its rank died and it exited: one
+        # line pointing there, not torch's chained traceback, which says only that a socket closed
+        print(f"launch/torchrun.sh: lost the rendezvous store at {args.rdzv_endpoint} ({store_failure(error)}); "
+              f"the launcher serving it (node 0's) ended or is out of reach: its log says why", file=sys.stderr)
+        return 1
     finally:
         forwarder.done.set()
+
+
+def store_failure(error: BaseException) -> str:
+    """The first line of the socket error under torch's RendezvousConnectionError ("See inner exception")."""
+    cause = error.__cause__ or error
+    lines = str(cause).strip().splitlines()
+    return lines[0].rstrip(".") if lines else type(cause).__name__
 
 
 def failed_exit_code(error, stop_requested: bool) -> int:

@@ -200,6 +200,7 @@ def first_error_line(stderr: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("launcher", "problem", "exit_code", "named"), [
     ("carbrand train", "config", 2, "unknown config key 'train.nope'"),
     ("accelerate launch -q (1 process)", "missing data", 1, "prepared dataset not found: /nonexistent"),  # 1 for any failure
@@ -256,3 +257,21 @@ def failed_workers(*exits: tuple[int, int]):
 ])
 def test_torchrun_wrapper_exits_with_the_first_own_exit_code_of_its_failed_workers(exits, stop_requested, expected):
     assert forward_signals_module().failed_exit_code(failed_workers(*exits), stop_requested=stop_requested) == expected
+
+
+@pytest.mark.slow
+def test_torchrun_wrapper_that_loses_the_rendezvous_store_says_so_in_one_line(tmp_path):
+    """A node's launcher whose rendezvous store (served by node 0's launcher) is gone: under SLURM, when a rank on
+    node 0 dies and its launcher exits. One line naming the store instead of torch's chained traceback. Here the
+    store was never there, and the wait for it is cut to 2 s (read_timeout; launch/torchrun.sh leaves torch's 60 s)."""
+    worker, port = tmp_path / "worker.py", free_port()
+    worker.write_text("raise SystemExit('a worker ran although the rendezvous failed')\n")
+    command = [sys.executable, str(REPO / "launch" / "torchrun_forward_signals.py"), "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lost-store",
+               "--rdzv-conf", "is_host=0,read_timeout=2", str(worker)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=subprocess_environment(), cwd=REPO)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"launch/torchrun.sh: lost the rendezvous store at 127.0.0.1:{port} ("), last
+    assert "its log says why" in last, last
