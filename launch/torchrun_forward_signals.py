@@ -18,8 +18,9 @@ boundary, then exit 143", so this launcher only has to make every worker hear it
   - torchrun is told to leave SIGTERM alone (its SIGINT, SIGHUP and SIGQUIT handling stays).
 Exit code 143 when the workers stopped on request (so a batch script can requeue); when a worker
 failed, the exit code of the first one that exited on its own (carbrand's 2 for a config error,
-1 for other errors), or else 128 + the signal that killed one, as a shell says; plain torchrun says 1. A lost
-rendezvous store (node 0's launcher ended) is one line and exit code 1, not torch's traceback.
+1 for other errors), or else 128 + the signal that killed one, as a shell says; plain torchrun
+says 1. A lost rendezvous store (node 0's launcher ended) is one line and exit code 1, not torch's
+traceback.
 """
 
 from __future__ import annotations
