@@ -175,12 +175,11 @@ def test_torchrun_wrapper_forwards_sigterm_to_every_worker_outside_slurm(prepare
 # Errors under every launcher (docs/FAILURES.md, "Under each launcher"): carbrand's one line comes first, and
 # the exit code is carbrand's wherever the launcher passes it on. One case per launcher, each failing before
 # training: what differs between launchers is their handling of a failed worker, not which input was bad (a
-# run directory in use is one more CarbrandError, raised on every rank alike: tests/faults/test_run_lock.py).
+# run directory in use is one more CarbrandError, raised on every rank alike). `carbrand train` itself, with
+# no launcher: tests/faults/test_bad_input.py and, as a process of its own, tests/faults/test_run_lock.py.
 
 def launcher_command(launcher: str, port: int) -> list[str]:
     """The launcher as docs/FAILURES.md names it, up to the trainer and its arguments; 2 processes where it starts several."""
-    if launcher == "carbrand train":
-        return [sys.executable, "-m", "carbrand.cli", "train"]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), str(TRAIN_SCRIPT)]
     if launcher == "launch/torchrun.sh":
@@ -202,7 +201,6 @@ def first_error_line(stderr: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("launcher", "problem", "exit_code", "named"), [
-    ("carbrand train", "config", 2, "unknown config key 'train.nope'"),
     ("accelerate launch -q (1 process)", "missing data", 1, "prepared dataset not found: /nonexistent"),  # 1 for any failure
     ("accelerate launch -q (2 processes)", "config", 1, "unknown config key 'train.nope'"),
     ("torchrun", "missing data", 1, "prepared dataset not found: /nonexistent"),  # torchrun says 1 for any failure
