@@ -5,13 +5,21 @@ Every command module (`carbrand.train`, `carbrand.evaluate`, `carbrand.inference
 exposes `add_arguments(parser)` and `run(args) -> int`; `carbrand.cli` dispatches to them by name
 through `run_command_module`, and each module's own `main()` calls it for `python -m`. Nothing
 here imports a command module: the direction is cli -> commands -> this core.
+
+Under torchrun's agent (torchrun, `accelerate launch` with several processes, launch/torchrun.sh)
+each worker also leaves its error where the agent looks (TORCHELASTIC_ERROR_FILE): the agent's
+failure report then shows the one line, or a bug's traceback, instead of a link to its docs.
+What each launcher makes of the line and the exit code: docs/FAILURES.md, "Under each launcher".
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
@@ -19,6 +27,8 @@ from typing import NoReturn
 from carbrand.errors import CarbrandError
 
 EXIT_CODE_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+# Set by torchrun's agent for each worker: the file it reads, when the worker fails, for its failure report
+ERROR_FILE_VARIABLE = "TORCHELASTIC_ERROR_FILE"
 
 
 def command_parser(name: str, module: ModuleType) -> argparse.ArgumentParser:
@@ -36,14 +46,42 @@ def run_command_module(name: str, module: ModuleType, argv: list[str] | None = N
     code (2 for usage errors); Ctrl-C is one line and 130; anything else keeps its traceback (a bug).
     """
     args = command_parser(name, module).parse_args(sys.argv[1:] if argv is None else argv)
+    run = functools.partial(run_with_one_line_errors, name, module, args)
+    if os.environ.get(ERROR_FILE_VARIABLE):
+        # torch elastic's own means: a bug's traceback goes into the agent's report as this rank's root cause
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        run = record(run)
+    return run()
+
+
+def run_with_one_line_errors(name: str, module: ModuleType, args: argparse.Namespace) -> int:
     try:
         return int(module.run(args) or 0)
     except CarbrandError as error:
-        print(f"carbrand {name}: error: {error}", file=sys.stderr)
+        line = f"carbrand {name}: error: {error}"
+        print(line, file=sys.stderr)
+        record_error_for_launcher(line)
         return error.exit_code
     except KeyboardInterrupt:
         print(f"carbrand {name}: interrupted", file=sys.stderr)
         return EXIT_CODE_INTERRUPTED
+
+
+def record_error_for_launcher(line: str) -> None:
+    """Write `line` as this process's error for torchrun's agent, where it asked for one (TORCHELASTIC_ERROR_FILE).
+
+    The format is what torch's ErrorHandler writes, without the call stack: the agent's report then shows
+    the line where it would show a traceback, and the failure's time orders the root cause.
+    """
+    path = os.environ.get(ERROR_FILE_VARIABLE)
+    if not path:
+        return
+    entry = {"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}
+    try:
+        Path(path).write_text(json.dumps(entry))
+    except OSError:
+        pass  # the report then lacks the line; stderr has it already
 
 
 def rerun_as_module(module_name: str) -> NoReturn:

@@ -16,8 +16,11 @@ boundary, then exit 143", so this launcher only has to make every worker hear it
     worker gets it once it does, checked every 0.2 s; SIGTERM goes to every worker at once
     (a worker without a handler, e.g. the evaluator, simply ends, as SIGTERM asks);
   - torchrun is told to leave SIGTERM alone (its SIGINT, SIGHUP and SIGQUIT handling stays).
-Exit code 143 when the workers stopped on request (so a batch script can requeue), else
-torchrun's own.
+Exit code 143 when the workers stopped on request (so a batch script can requeue); when a worker
+failed, the exit code of the first one that exited on its own (carbrand's 2 for a config error,
+1 for other errors), or else 128 + the signal that killed one, as a shell says; plain torchrun
+says 1. A lost rendezvous store (node 0's launcher ended) is one line and exit code 1, not torch's
+traceback.
 """
 
 from __future__ import annotations
@@ -97,16 +100,48 @@ def main(argv: list[str]) -> int:
     for name in ("TORCHELASTIC_SIGNALS_TO_HANDLE", "PET_SIGNALS_TO_HANDLE"):
         os.environ[name] = "SIGINT,SIGHUP,SIGQUIT"
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+    from torch.distributed.run import parse_args, run
 
+    args = parse_args(argv)
     try:
-        torchrun(argv)
+        # torchrun's `main` without its @record, whose only work here would be an error log line saying that
+        # this launcher has no error file of its own to copy the failed worker's into
+        run(args)
         return 0
     except ChildFailedError as error:
-        codes = {failure.exitcode for failure in error.failures.values()}
-        return EXIT_CODE_PREEMPTED if codes == {EXIT_CODE_PREEMPTED} or forwarder.received else 1
+        return failed_exit_code(error, stop_requested=forwarder.received is not None)
+    except RendezvousConnectionError as error:
+        # The launcher serving the rendezvous store (node 0's) is gone, e.g. its rank died and it exited: one
+        # line pointing there, not torch's chained traceback, which says only that a socket closed
+        print(f"launch/torchrun.sh: lost the rendezvous store at {args.rdzv_endpoint} ({store_failure(error)}); "
+              f"the launcher serving it (node 0's) ended or is out of reach: its log says why", file=sys.stderr)
+        return 1
     finally:
         forwarder.done.set()
+
+
+def store_failure(error: BaseException) -> str:
+    """The first line of the socket error under torch's RendezvousConnectionError ("See inner exception")."""
+    cause = error.__cause__ or error
+    lines = str(cause).strip().splitlines()
+    return lines[0].rstrip(".") if lines else type(cause).__name__
+
+
+def failed_exit_code(error, stop_requested: bool) -> int:
+    """What the launcher exits with when workers failed: 143 after a requested stop, else a worker's own code.
+
+    A worker killed by a signal is most often one that torchrun stopped because another had failed
+    (SIGTERM, which must not read as 143, "requeue me"), so the code of the first worker that exited on
+    its own comes first (torchrun times each failure; carbrand's workers write theirs); 128 + the signal
+    only when every failed worker was killed.
+    """
+    codes = {failure.exitcode for failure in error.failures.values()}
+    if codes == {EXIT_CODE_PREEMPTED} or stop_requested:
+        return EXIT_CODE_PREEMPTED
+    failures = sorted(error.failures.values(), key=lambda failure: failure.timestamp)
+    own_codes = [failure.exitcode for failure in failures if failure.exitcode > 0]
+    return own_codes[0] if own_codes else 128 - failures[0].exitcode  # exit code -N: killed by signal N
 
 
 if __name__ == "__main__":

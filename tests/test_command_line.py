@@ -4,11 +4,16 @@ package in the working directory), and the interpreter's options, the arguments 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from carbrand.command_line import run_command_module
+from carbrand.errors import ConfigError
 from tests.helpers.paths import REPO
 
 TOOL = '''
@@ -58,3 +63,37 @@ def test_the_entry_point_files_answer_as_their_commands():
                                 text=True, timeout=120, cwd=REPO)
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith(f"usage: carbrand {name}"), result.stdout[:200]
+
+
+class FailingCommand:
+    """A stand-in command module whose run raises `error`."""
+
+    __doc__ = "a command that fails"
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def add_arguments(self, parser) -> None:
+        pass
+
+    def run(self, args) -> int:
+        raise self.error
+
+
+def test_under_torchruns_agent_an_error_is_left_in_its_error_file_one_line_for_carbrand_a_traceback_for_a_bug(
+        tmp_path: Path, monkeypatch, capfd):
+    """torchrun's failure report shows what the worker left in TORCHELASTIC_ERROR_FILE (docs/FAILURES.md)."""
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    assert run_command_module("train", FailingCommand(ConfigError("unknown config key 'train.nope'")), []) == 2
+    line = "carbrand train: error: unknown config key 'train.nope'"
+    assert capfd.readouterr().err == line + "\n"
+    recorded = json.loads(error_file.read_text())["message"]
+    assert recorded["message"] == line and "py_callstack" not in recorded["extraInfo"], recorded
+
+    error_file.unlink()
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback, and torch's record files it for the report
+        run_command_module("train", FailingCommand(ZeroDivisionError("a bug")), [])
+    recorded = json.loads(error_file.read_text())["message"]
+    assert recorded["message"] == "ZeroDivisionError: a bug", recorded
+    assert "Traceback" in recorded["extraInfo"]["py_callstack"], recorded

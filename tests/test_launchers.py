@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 import subprocess
 import sys
@@ -169,3 +170,106 @@ def test_torchrun_wrapper_forwards_sigterm_to_every_worker_outside_slurm(prepare
     stopped_at = stops[0]["step"]
     assert stopped_at < last_value(records, "run/total_steps"), "the run ended before the signal: this proves nothing"
     assert (run_dir / "last").resolve() == (run_dir / "checkpoints" / f"step_{stopped_at}").resolve()
+
+
+# Errors under every launcher (docs/FAILURES.md, "Under each launcher"): carbrand's one line comes first, and
+# the exit code is carbrand's wherever the launcher passes it on. One case per launcher, each failing before
+# training: what differs between launchers is their handling of a failed worker, not which input was bad (a
+# run directory in use is one more CarbrandError, raised on every rank alike). `carbrand train` itself, with
+# no launcher: tests/faults/test_bad_input.py and, as a process of its own, tests/faults/test_run_lock.py.
+
+def launcher_command(launcher: str, port: int) -> list[str]:
+    """The launcher as docs/FAILURES.md names it, up to the trainer and its arguments; 2 processes where it starts several."""
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), str(TRAIN_SCRIPT)]
+    if launcher == "launch/torchrun.sh":
+        return [str(TORCHRUN_WRAPPER), str(TRAIN_SCRIPT)]
+    # accelerate launch -q, as the docs run it; the settings given, as `accelerate config` would, so that
+    # Accelerate's notice about the values it defaulted does not come first
+    processes = ["--multi_gpu", "--num_processes", "2"] if launcher == "accelerate launch -q (2 processes)" else ["--num_processes", "1"]
+    return [sys.executable, "-m", "accelerate.commands.launch", "-q", *processes, "--num_machines", "1", "--mixed_precision",
+            "no", "--dynamo_backend", "no", "--main_process_port", str(port), str(TRAIN_SCRIPT)]
+
+
+def first_error_line(stderr: str) -> str:
+    """The first line of stderr, which must be carbrand's one line, with no traceback before it."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines and lines[0].startswith("carbrand train: error: "), stderr[-4000:]
+    assert "Traceback" not in stderr[:stderr.index(lines[0])], stderr[-4000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("launcher", "problem", "exit_code", "named"), [
+    ("accelerate launch -q (1 process)", "missing data", 1, "prepared dataset not found: /nonexistent"),  # 1 for any failure
+    ("accelerate launch -q (2 processes)", "config", 1, "unknown config key 'train.nope'"),
+    ("torchrun", "missing data", 1, "prepared dataset not found: /nonexistent"),  # torchrun says 1 for any failure
+    ("launch/torchrun.sh", "config", 2, "unknown config key 'train.nope'"),  # the failed worker's own code
+])
+def test_an_error_before_training_is_carbrands_one_line_first_under_each_launcher(prepared_cars5, tmp_path, launcher,
+                                                                                    problem, exit_code, named):
+    run_dir, port = tmp_path / "run", free_port()
+    overrides = {"config": ["train.nope=1"], "missing data": ["data.manifest=/nonexistent"]}[problem]
+    command = launcher_command(launcher, port) + [
+        "--config", str(CPU_RECIPE), f"data.manifest={prepared_cars5}", f"output.dir={run_dir}", "data.image_size=32",
+        "data.workers=0", *overrides]
+    env = subprocess_environment() | {"OMP_NUM_THREADS": "1", "NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                                      "MASTER_PORT": str(port), "NPROC_PER_NODE": "2"}  # the last four: launch/torchrun.sh's
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert named in first_error_line(result.stderr), result.stderr[-4000:]
+    assert result.returncode == exit_code, result.stderr[-4000:]
+    if launcher in ("torchrun", "accelerate launch -q (2 processes)"):
+        # torchrun's failure report (Accelerate runs the same agent) shows the line as the root cause, not a link to docs
+        report = result.stderr[result.stderr.index("Root Cause (first observed failure):"):]
+        assert "traceback : carbrand train: error: " in report and named in report, result.stderr[-4000:]
+
+
+def forward_signals_module():
+    """launch/torchrun_forward_signals.py, a script outside the package, loaded as a module."""
+    spec = importlib.util.spec_from_file_location("torchrun_forward_signals", REPO / "launch" / "torchrun_forward_signals.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def failed_workers(*exits: tuple[int, int]):
+    """torchrun's ChildFailedError for workers that failed with (exit code, second of failure), by rank; no error files."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    failures = {}
+    for rank, (code, second) in enumerate(exits):
+        failures[rank] = ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=code, error_file="<N/A>")
+        failures[rank].timestamp = 1_700_000_000 + second
+    return ChildFailedError("carbrand/train.py", failures)
+
+
+@pytest.mark.parametrize(("exits", "stop_requested", "expected"), [
+    (((2, 0), (2, 0)), False, 2),  # a config error on every rank: carbrand's code, passed on
+    # rank 1 killed (the root cause); rank 0, whose collective then failed, said so and exited 1
+    (((1, 5), (-9, 1)), False, 1),
+    # rank 0 stopped by torchrun (SIGTERM) in the same second as rank 1's error: never 143, which means "requeue"
+    (((-15, 3), (2, 3)), False, 2),
+    (((-9, 0),), False, 137),  # only killed workers: 128 + the signal, as a shell says
+    (((143, 4), (143, 4)), False, 143),  # stopped on request, a checkpoint saved
+    (((1, 4), (-15, 4)), True, 143),  # the launcher was signalled: the workers' stop, whatever they exited with
+])
+def test_torchrun_wrapper_exits_with_the_first_own_exit_code_of_its_failed_workers(exits, stop_requested, expected):
+    assert forward_signals_module().failed_exit_code(failed_workers(*exits), stop_requested=stop_requested) == expected
+
+
+@pytest.mark.slow
+def test_torchrun_wrapper_that_loses_the_rendezvous_store_says_so_in_one_line(tmp_path):
+    """A node's launcher whose rendezvous store (served by node 0's launcher) is gone: under SLURM, when a rank on
+    node 0 dies and its launcher exits. One line naming the store instead of torch's chained traceback. Here the
+    store was never there, and the wait for it is cut to 2 s (read_timeout; launch/torchrun.sh leaves torch's 60 s)."""
+    worker, port = tmp_path / "worker.py", free_port()
+    worker.write_text("raise SystemExit('a worker ran although the rendezvous failed')\n")
+    command = [sys.executable, str(REPO / "launch" / "torchrun_forward_signals.py"), "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lost-store",
+               "--rdzv-conf", "is_host=0,read_timeout=2", str(worker)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=subprocess_environment(), cwd=REPO)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"launch/torchrun.sh: lost the rendezvous store at 127.0.0.1:{port} ("), last
+    assert "its log says why" in last, last

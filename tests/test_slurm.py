@@ -94,6 +94,23 @@ def test_two_nodes_train_then_evaluate_two_splits_at_once(cluster, prepared_cars
     assert not any(low <= port <= high for port in ports.values()), (ports, (low, high))
 
 
+@pytest.mark.slow
+def test_a_config_error_is_carbrands_one_line_first_in_the_job_log_and_the_jobs_exit_code(cluster, prepared_cars5, tmp_path):
+    """docs/FAILURES.md, "Under each launcher": the job ends FAILED with carbrand's exit code 2, not requeued, and
+    after the batch script's and the launchers' start lines the first thing in the log is carbrand's line."""
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    job = cluster.run(train_job("--parsable", prepared_cars5, run_dir, log, "train.nope=1"),
+                      env=job_environment(cluster, processes_per_node=1), cwd=REPO).stdout.strip()
+    final = cluster.wait_for_end(job, timeout=300)
+    text = log.read_text() if log.exists() else ""
+    assert (final["JobState"], final["ExitCode"], final["Restarts"]) == ("FAILED", "2:0", "0"), (final, text[-4000:])
+    starts = ("carbrand: job ", "launch/torchrun.sh: node ")
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith(starts)]
+    assert lines[0].startswith("carbrand train: error: unknown config key 'train.nope'"), text[-4000:]
+    assert f"carbrand: job {job} ended with exit code 2" in text, text[-4000:]
+    assert not run_dir.exists(), "a config error writes nothing"
+
+
 def rendezvous_port(log: str) -> int:
     """The port in the batch script's topology line."""
     found = re.search(r"rendezvous c10d at [^ ]+:(\d+)", log)

@@ -37,6 +37,8 @@ def test_killed_rank_under_accelerate_launch(prepared_cars5, tmp_path):
     # the launcher's own report names it too, after the survivor has said why it stopped
     report = output.find("rank      : 1 (local_rank: 1)")
     assert survivor < report and "Signal 9 (SIGKILL)" in output[report:], output[-3000:]
+    # and the survivor's entry in that report is its one line, from the error file torchrun's agent gave it
+    assert "traceback : carbrand train: error: rank 0 stops: rank 1 stopped responding" in output, output[-3000:]
 
 
 @pytest.mark.slow
