@@ -8,9 +8,9 @@ Concurrent requests are batched into shared forward passes (--batching, --max-ba
 --max-wait-ms); a full queue answers 503 and a request unanswered after --timeout-s 504.
 Each of --workers processes loads the model once. Uploads are held in memory only, up to
 --max-upload-mb per request and --max-uploads-in-flight-mb across requests; each process keeps
-at most --max-connections open, and a request that has not arrived within --client-timeout-s
-(plus 1 s per --min-upload-kb-per-s KB received) is cut off with 408. docs/SERVING.md has the
-API, the error codes and load figures.
+at most --max-connections open, and a request that falls --client-timeout-s behind
+--min-upload-kb-per-s (a byte a second, or a stalled upload) is cut off with 408.
+docs/SERVING.md has the API, the error codes and load figures.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-connections", type=int, default=connections.max_connections,
                         help=f"open connections per worker; one more gets 503 at once (default: {connections.max_connections})")
     parser.add_argument("--client-timeout-s", type=float, default=connections.client_timeout_s,
-                        help="seconds for a request's headers and body to arrive, plus 1 s per --min-upload-kb-per-s KB "
-                             f"received; else 408 and closed (default: {connections.client_timeout_s:g})")
+                        help="a request that falls this many seconds behind --min-upload-kb-per-s (headers and body) "
+                             f"gets 408 and is closed (default: {connections.client_timeout_s:g})")
     parser.add_argument("--min-upload-kb-per-s", type=float, default=connections.min_upload_bytes_per_s / KILOBYTE,
                         help="upload rate that always arrives in time; 0: the whole request within --client-timeout-s "
                              f"(default: {connections.min_upload_bytes_per_s / KILOBYTE:g})")

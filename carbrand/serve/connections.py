@@ -10,10 +10,13 @@ headers have arrived, which a slow client never completes. So each connection he
   Retry-After, written before reading anything, then the connection is closed after a short
   linger (reading and discarding what the client sends meanwhile, so that it reads the 503
   instead of a reset);
-- must deliver each request, headers and body, within `client_timeout_s` plus one second per
-  `min_upload_bytes_per_s` bytes received: a photo on a slow link finishes, a byte a second
-  does not. Past that it is answered 408 (when no answer has started) and closed, which frees
-  its connection slot and, through the app's disconnect, its share of the upload budget.
+- must keep its request, headers and body, arriving: it has `client_timeout_s`, and each byte
+  received adds 1 / `min_upload_bytes_per_s` s, never to more than `client_timeout_s` ahead of
+  now. A photo sent at the minimum rate or faster always arrives; a byte a second is cut off
+  after about `client_timeout_s`, and so is an upload that stalls that long, however much it
+  sent before (time cannot be banked to hold a large share of the upload budget). Past its
+  deadline a request is answered 408 (when no answer has started) and closed, which frees its
+  connection slot and, through the app's disconnect, its share of the upload budget.
 
 The time starts when the connection opens, or at the first byte of each later request; it stops
 once the whole request has arrived (inference time is not the client's), and it is extended
@@ -69,8 +72,9 @@ class LimitedH11Protocol(H11Protocol):
         if self.conn.their_state in RECEIVING:
             if self.deadline_timer is None:  # the first byte of a later request on a kept-alive connection
                 self._start_deadline()
-            if self.limits.min_upload_bytes_per_s > 0:
-                self.deadline += len(data) / self.limits.min_upload_bytes_per_s
+            if self.limits.min_upload_bytes_per_s > 0:  # credit for what arrived, never banked past one timeout
+                earned = self.deadline + len(data) / self.limits.min_upload_bytes_per_s
+                self.deadline = min(earned, self.loop.time() + self.limits.client_timeout_s)
         else:
             self._stop_deadline()  # the whole request is in: the rest of its time is the server's
 
@@ -113,7 +117,7 @@ class LimitedH11Protocol(H11Protocol):
             self.cycle.disconnected = True  # nothing more goes out on this connection: the app's receive() ends
             self.cycle.message_event.set()
         if not answering:
-            message = f"the request did not arrive within {self.limits.client_timeout_s:g} s " \
-                      f"(plus 1 s per {self.limits.min_upload_bytes_per_s} bytes received)"
+            message = f"the request fell {self.limits.client_timeout_s:g} s behind " \
+                      f"{self.limits.min_upload_bytes_per_s} bytes a second"
             self.transport.write(error_response(408, "Request Timeout", "request_timeout", message))
         self.transport.close()

@@ -22,8 +22,10 @@ class ConnectionLimits:
     """Per server process, enforced by its HTTP protocol (carbrand/serve/connections.py)."""
 
     max_connections: int = 512  # open connections; one more gets 503 at once (well under the usual 1024 open files)
-    client_timeout_s: float = 10.0  # for a request's headers and body to arrive, else 408 and closed ...
-    min_upload_bytes_per_s: int = 32 * KILOBYTE  # ... plus 1 s per this many bytes received: 256 kbit/s always arrives
+    # A request (headers and body) has this long to arrive, each byte adding 1/min_upload_bytes_per_s s, never to more
+    # than this far ahead: 256 kbit/s always arrives, a byte a second or a stall this long gets 408 and is closed.
+    client_timeout_s: float = 10.0
+    min_upload_bytes_per_s: int = 32 * KILOBYTE
 
 
 @dataclass(frozen=True)
