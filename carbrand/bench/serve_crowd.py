@@ -41,7 +41,9 @@ class SlowEnding:
 
 def measure_crowd(url: str, server_pid: int, photos: list[FilePart], connections: int, slow: int, duration_s: float) -> dict:
     """Hold `connections` connections to a running service for `duration_s`, `slow` of them slow; the figures."""
-    ServiceClient(url).predict([photos[0]]).json()  # warm: the first forward pass sets up the model's kernels
+    warm = ServiceClient(url)
+    warm.predict([photos[0]])  # the first forward pass sets up the model's kernels
+    warm.close()
     rss_after_warmup = resident_kib(server_pid)
     sampler = MemorySampler(server_pid)
     deadline = time.monotonic() + duration_s
