@@ -154,3 +154,18 @@ def test_bench_serve_crowd_in_small(limited_server, photo, cars5_dir):
     assert figures["slow_endings"] == {"headers": {"408": 1}, "body": {"408": 1}}, figures
     assert figures["latency_p50_ms"] <= figures["latency_p99_ms"]
     assert 0 < figures["server_rss_after_warmup_mb"] <= figures["server_rss_peak_during_run_mb"] <= figures["server_vmhwm_mb"]
+
+
+def test_the_protocol_a_worker_unpickles_imports_no_torch():
+    """uvicorn's worker processes unpickle their config, this protocol and its limits included, before they answer the
+    supervisor's health check; importing torch there took longer than its 5 s and the workers were killed in a loop."""
+    import subprocess
+    import sys
+
+    from tests.helpers.paths import REPO
+    from tests.helpers.subprocesses import subprocess_environment
+
+    check = "import sys, carbrand.serve.connections; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=subprocess_environment(),
+                            cwd=REPO, check=True)
+    assert result.stdout.strip() == "False", result.stdout + result.stderr
