@@ -34,7 +34,7 @@ def limited_server(fitted_cars5_export: Path, tmp_path_factory: pytest.TempPathF
 
 @pytest.fixture(scope="module")
 def photo(cars5_dir: Path) -> FilePart:
-    path = sorted((cars5_dir / "test").glob("*/*.jpg"))[0]
+    path = min((cars5_dir / "test").glob("*/*.jpg"))
     return FilePart(path.name, path.read_bytes())
 
 

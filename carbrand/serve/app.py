@@ -33,8 +33,8 @@ from carbrand.inference.predict import Predictor
 from carbrand.serve.batching import InferenceBatcher, InferenceTimeout, ServiceBusy
 from carbrand.serve.decoding import decode_photos
 from carbrand.serve.explanations import overlay_data_uris
-from carbrand.serve.settings import ServeSettings, settings_from_environment
-from carbrand.serve.upload_budget import RETRY_AFTER_S, Reservation, UploadBudget, covered_as_received
+from carbrand.serve.settings import RETRY_AFTER_S, ServeSettings, settings_from_environment
+from carbrand.serve.upload_budget import Reservation, UploadBudget, covered_as_received
 from carbrand.serve.uploads import RequestError, check_declared_length, read_uploads
 
 # Bytes of an oversized body read and thrown away before the 413, so that a client still

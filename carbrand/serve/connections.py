@@ -31,10 +31,9 @@ import json
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from carbrand.serve.settings import ConnectionLimits
+from carbrand.serve.settings import RETRY_AFTER_S, ConnectionLimits
 
 REFUSED_LINGER_S = 1.0  # a refused connection is read and discarded this long, so its 503 is not lost to a reset
-RETRY_AFTER_S = 1
 RECEIVING = (h11.IDLE, h11.SEND_BODY)  # the client's side while a request of its is still arriving
 
 

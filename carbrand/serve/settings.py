@@ -15,6 +15,7 @@ from carbrand.serve.batching import BatchingSettings
 SETTINGS_VARIABLE = "CARBRAND_SERVE_SETTINGS"
 MEGABYTE = 1024 * 1024
 KILOBYTE = 1024
+RETRY_AFTER_S = 1  # what every 503 (busy, too many connections or uploads) tells the client to wait before retrying
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 
+from carbrand.serve.settings import RETRY_AFTER_S
 from carbrand.serve.uploads import RequestError
-
-RETRY_AFTER_S = 1
 
 
 class UploadBudget:
