@@ -115,17 +115,19 @@ def create_app(settings: ServeSettings, predictor) -> FastAPI:
 
 async def receive_uploads(request: Request, settings: ServeSettings, reservation: Reservation):
     """The files of field `images`, covered by the request's share of the upload budget; an oversized body, or one
-    the budget has no room for, is refused as soon as that is known, its rest drained within bounds."""
+    the budget has no room for, is refused as soon as that is known."""
     chunks = request.stream()
     declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) <= settings.max_upload_bytes:
+        # Refused before a byte is read: uvicorn drops the unread body without holding it, and a client that waits
+        # for 100-continue (curl, for large files) never sends it.
+        reservation.cover(int(declared))
     try:
         check_declared_length(declared, settings.max_upload_bytes)
-        if declared is not None and declared.isdigit():
-            reservation.cover(int(declared))  # refused before a byte of the body is held
         return await read_uploads(covered_as_received(chunks, reservation), request.headers.get("content-type"),
                                   settings.max_upload_bytes, settings.max_images)
     except RequestError as error:
-        if error.status in (413, 503):
+        if error.status in (413, 503):  # refused while it streams in: its rest is drained within bounds
             await discard(chunks, DRAIN_FACTOR * settings.max_upload_bytes)
         raise
     except ClientDisconnect:  # gone, or cut off as too slow (carbrand/serve/connections.py): nobody reads this answer

@@ -2,9 +2,9 @@
 
 The upload limit bounds one request; this bounds them together: a request holds the bytes of
 its body from the moment they are announced (Content-Length) or arrive (chunked) until it is
-answered, and a request that would take the total past the budget is refused at once with 503
-and Retry-After, before its body is read, instead of being buffered. Requests run on one event
-loop thread per process, so the counts need no lock.
+answered, and a request that would take the total past the budget is refused with 503 and
+Retry-After instead of being buffered: before its body is read when Content-Length announces
+it. Requests run on one event loop thread per process, so the counts need no lock.
 """
 
 from __future__ import annotations
