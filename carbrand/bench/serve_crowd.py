@@ -8,8 +8,9 @@ ones send photos back to back over a kept-alive connection; the slow ones (a slo
 send one byte a second: half of them the request's headers, half a photo's body after complete
 headers. Reported: p50/p99 latency of the good requests, how many of them failed (must be 0),
 how each slow connection ended (the status the server answered, closed, or still open when the
-run ended) and after how long, and the server's memory (resident set: after warm-up, the highest
-seen during the run, and the kernel's high-water mark VmHWM, which covers start-up too).
+run ended) and after how long, and the server's memory (resident set of the server process and
+its workers: after warm-up, the highest seen during the run, and the kernel's high-water marks
+VmHWM, which cover start-up too).
 """
 
 from __future__ import annotations
@@ -142,12 +143,24 @@ def crowd_summary_line(mode: str, figures: dict) -> str:
 
 
 def memory_field_kib(pid: int, name: str) -> int:
-    """A kB figure of /proc/PID/status (VmRSS, VmHWM); 0 once the process is gone."""
+    """A kB figure of /proc/PID/status (VmRSS, VmHWM), summed over the process and its children (uvicorn's
+    --workers run in child processes); 0 for a process already gone."""
     try:
         lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except OSError:
         return 0
-    return next((int(line.split()[1]) for line in lines if line.startswith(name + ":")), 0)
+    own = next((int(line.split()[1]) for line in lines if line.startswith(name + ":")), 0)
+    return own + sum(memory_field_kib(child, name) for child in child_pids(pid))
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return children
 
 
 def resident_kib(pid: int) -> int:

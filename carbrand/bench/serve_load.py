@@ -69,7 +69,7 @@ def run_serve_benchmark(args: argparse.Namespace) -> dict:
         for mode in modes:
             options = ["--batching", mode, *args.serve_option]
             with running_service(args.checkpoint, Path(scratch) / f"serve_{mode}.log", options) as service:
-                if args.run == "crowd":  # one worker: uvicorn serves in the process it was started as
+                if args.run == "crowd":
                     report["modes"][mode] = measure_crowd(service.url, service.process.pid, photos, args.connections,
                                                           args.slow_connections, args.duration_s)
                 else:
