@@ -114,6 +114,8 @@ def test_bench_train_measures_auto_as_the_precision_the_trainer_would_pick(monke
     (("data", "--manifest", "{prepared}", "--backends", "opencv"), "unknown backend 'opencv'", 2),
     (("data", "--manifest", "{prepared}", "--photo-size", "12"), "is not WIDTHxHEIGHT", 2),
     (("data", "--manifest", "{prepared}", "--batches", "0"), "--batches must be >= 1", 2),
+    (("serve", "--checkpoint", "{prepared}", "--photos", "{prepared}", "--run", "crowd", "--connections", "20",
+      "--slow-connections", "20"), "--slow-connections must be at least 0 and below --connections (20)", 2),
 ])
 def test_bad_requests_fail_with_one_line(args, message, exit_code, prepared_cars5, tmp_path):
     args = tuple(a.format(prepared=prepared_cars5) for a in args)

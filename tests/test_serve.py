@@ -138,6 +138,9 @@ def test_concurrent_requests_share_forward_passes(cars5_server, photos):
     (["--checkpoint", "{tmp}/missing", "--workers", "2"], 1, "checkpoint not found"),  # before any worker starts
     (["--checkpoint", "{tmp}", "--port", "0"], 2, "--port must be positive"),
     (["--checkpoint", "{tmp}", "--max-upload-mb", "0"], 2, "--max-upload-mb must be positive"),
+    (["--checkpoint", "{tmp}", "--max-uploads-in-flight-mb", "10"], 2, "must be at least --max-upload-mb (20)"),
+    (["--checkpoint", "{tmp}", "--client-timeout-s", "0"], 2, "--client-timeout-s must be positive"),
+    (["--checkpoint", "{tmp}", "--min-upload-kb-per-s", "-1"], 2, "--min-upload-kb-per-s must be >= 0"),
 ])
 def test_serve_refuses_bad_arguments_in_one_line(arguments, code, text, tmp_path, capsys):
     assert main(["serve", *[a.format(tmp=tmp_path) for a in arguments]]) == code

@@ -10,7 +10,7 @@ import http.client
 import json
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 
@@ -26,6 +26,7 @@ class FilePart:
 class Answer:
     status: int
     body: bytes
+    headers: dict[str, str] = field(default_factory=dict)  # names in lower case
 
     def json(self) -> dict:
         return json.loads(self.body)
@@ -72,7 +73,7 @@ class ServiceClient:
             try:
                 self.connection.request(method, path, body=body, headers=headers or {}, encode_chunked=chunked)
                 response = self.connection.getresponse()
-                answer = Answer(response.status, response.read())
+                answer = Answer(response.status, response.read(), {name.lower(): value for name, value in response.getheaders()})
                 if response.will_close:
                     self.close()
                 return answer

@@ -2,6 +2,7 @@
 
     carbrand bench serve --checkpoint demo/run/best --photos ../shared/data/cars5/test
     carbrand bench serve --checkpoint runs/cars/best --photos photos/ --clients 8 --requests 200 --batching on,off
+    carbrand bench serve --run crowd --checkpoint demo/run/best --photos ../shared/data/cars5/test --batching on
 
 For each batching mode a fresh `carbrand serve` is started on 127.0.0.1 (a free port; the load
 never leaves this machine), warmed up, then `--clients` threads each send `--requests` requests
@@ -9,7 +10,8 @@ one after the other over a kept-alive connection. Every `--bad-every`-th request
 (not an image, truncated JPEG, empty file, decompression-bomb header, wrong part type, missing
 field, in turn) that must get its 4xx. Reported per mode: p50/p99 latency of the good requests,
 good images per second over the whole run, failed good requests (must be 0), bad requests not
-answered with a 4xx (must be 0), and the mean images per forward pass.
+answered with a 4xx (must be 0), and the mean images per forward pass. `--run crowd` holds many
+connections at once instead, some of them slow (carbrand/bench/serve_crowd.py).
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import tempfile
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 from carbrand.bench.http_client import FilePart, ServiceClient
+from carbrand.bench.request_outcomes import Outcome, percentile
+from carbrand.bench.serve_crowd import crowd_summary_line, measure_crowd
 from carbrand.bench.service_process import running_service
 from carbrand.errors import UsageError
 from carbrand.prepare.formats import IMAGE_EXTENSIONS
@@ -42,35 +45,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests per client (default: 200)")
     parser.add_argument("--bad-every", type=int, default=10, help="every N-th request is a bad upload; 0: none (default: 10)")
     parser.add_argument("--batching", default="on,off", help="comma-separated modes to measure (default: on,off)")
+    parser.add_argument("--run", choices=("load", "crowd"), default="load",
+                        help="load: --clients back-to-back clients with bad uploads mixed in; crowd: --connections held at once, "
+                             "--slow-connections of them sending a byte a second (default: load)")
+    parser.add_argument("--connections", type=int, default=200, help="--run crowd: connections held at once (default: 200)")
+    parser.add_argument("--slow-connections", type=int, default=20,
+                        help="--run crowd: how many of them send a byte a second (default: 20)")
+    parser.add_argument("--duration-s", type=float, default=30.0, help="--run crowd: how long they are held (default: 30)")
     parser.add_argument("--serve-option", action="append", default=[], metavar="OPTION",
                         help="extra `carbrand serve` option, e.g. --serve-option=--max-wait-ms=10 (repeatable)")
-
-
-@dataclass
-class Outcome:
-    good: bool  # a good upload (else a bad one)
-    status: int  # 0: no answer (connection error)
-    latency_s: float
-    batch_images: int = 0
 
 
 def run_serve_benchmark(args: argparse.Namespace) -> dict:
     modes = [mode.strip() for mode in args.batching.split(",") if mode.strip()]
     if not modes or any(mode not in ("on", "off") for mode in modes):
         raise UsageError(f"--batching takes on, off or on,off; got {args.batching!r}")
-    for flag, value in (("--clients", args.clients), ("--requests", args.requests)):
-        if value < 1:
-            raise UsageError(f"{flag} must be positive; got {value}")
+    check_counts(args)
     photos = photo_bytes(args.photos)
-    report = {"checkpoint": str(args.checkpoint.resolve()), "clients": args.clients, "requests_per_client": args.requests,
-              "bad_every": args.bad_every, "photos": len(photos), "modes": {}}
+    report = {"checkpoint": str(args.checkpoint.resolve()), "run": args.run, "photos": len(photos), "modes": {}}
+    if args.run == "load":
+        report |= {"clients": args.clients, "requests_per_client": args.requests, "bad_every": args.bad_every}
     with tempfile.TemporaryDirectory(prefix="carbrand-bench-serve-") as scratch:
         for mode in modes:
             options = ["--batching", mode, *args.serve_option]
             with running_service(args.checkpoint, Path(scratch) / f"serve_{mode}.log", options) as service:
-                report["modes"][mode] = measure(service.url, photos, args.clients, args.requests, args.bad_every)
-            print(summary_line(mode, report["modes"][mode]), file=sys.stderr, flush=True)
+                if args.run == "crowd":
+                    report["modes"][mode] = measure_crowd(service.url, service.process.pid, photos, args.connections,
+                                                          args.slow_connections, args.duration_s)
+                else:
+                    report["modes"][mode] = measure(service.url, photos, args.clients, args.requests, args.bad_every)
+            line = crowd_summary_line if args.run == "crowd" else summary_line
+            print(line(mode, report["modes"][mode]), file=sys.stderr, flush=True)
     return report
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    for flag, value in (("--clients", args.clients), ("--requests", args.requests), ("--connections", args.connections),
+                        ("--duration-s", args.duration_s)):
+        if value <= 0:
+            raise UsageError(f"{flag} must be positive; got {value:g}")
+    if not 0 <= args.slow_connections < args.connections:
+        raise UsageError(f"--slow-connections must be at least 0 and below --connections ({args.connections}); "
+                         f"got {args.slow_connections}")
 
 
 def measure(url: str, photos: list[FilePart], clients: int, requests: int, bad_every: int) -> dict:
@@ -124,14 +140,6 @@ def figures(outcomes: list[Outcome], wall_s: float) -> dict:
         "mean_images_per_forward_pass": round(statistics.fmean(o.batch_images for o in succeeded), 2) if succeeded else 0.0,
         "wall_s": round(wall_s, 1),
     }
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile (no interpolation): the value that q% of the requests did not exceed."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, -(-len(sorted_values) * q // 100))  # ceil(n * q / 100)
-    return sorted_values[int(rank) - 1]
 
 
 def summary_line(mode: str, figures: dict) -> str:

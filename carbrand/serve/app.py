@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from carbrand.config import config_from_dict, safe_yaml_load
 from carbrand.evaluation.report import default_out_dir
@@ -31,7 +33,8 @@ from carbrand.inference.predict import Predictor
 from carbrand.serve.batching import InferenceBatcher, InferenceTimeout, ServiceBusy
 from carbrand.serve.decoding import decode_photos
 from carbrand.serve.explanations import overlay_data_uris
-from carbrand.serve.settings import ServeSettings, settings_from_environment
+from carbrand.serve.settings import RETRY_AFTER_S, ServeSettings, settings_from_environment
+from carbrand.serve.upload_budget import Reservation, UploadBudget, covered_as_received
 from carbrand.serve.uploads import RequestError, check_declared_length, read_uploads
 
 # Bytes of an oversized body read and thrown away before the 413, so that a client still
@@ -55,6 +58,7 @@ def create_app(settings: ServeSettings, predictor) -> FastAPI:
         return predictor.predict_crops(crops, sources, topk=len(predictor.classes))
 
     batcher = InferenceBatcher(run_batch, settings.batching)
+    upload_budget = UploadBudget(settings.max_uploads_in_flight_bytes)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -83,13 +87,17 @@ def create_app(settings: ServeSettings, predictor) -> FastAPI:
     async def predict(request: Request) -> dict:
         topk = requested_topk(request, settings.topk, len(predictor.classes))
         explain = requested_flag(request, "explain")
-        uploads = await receive_uploads(request, settings)
+        with upload_budget.reservation() as reservation:  # the body's bytes count until this request is answered
+            uploads = await receive_uploads(request, settings, reservation)
+            return await predictions_of(uploads, topk, explain)
+
+    async def predictions_of(uploads: list, topk: int, explain: bool) -> dict:
         photos = await run_in_threadpool(decode_photos, uploads, predictor.data.max_pixels)
         crops = await run_in_threadpool(lambda: [predictor.preprocess(photo) for photo in photos])
         try:
             result = await batcher.predict(crops, [upload.filename for upload in uploads])
         except ServiceBusy as error:
-            raise RequestError(503, "busy", str(error)) from None
+            raise RequestError(503, "busy", str(error), retry_after_s=RETRY_AFTER_S) from None
         except InferenceTimeout as error:
             raise RequestError(504, "timeout", str(error)) from None
         predictions = []
@@ -105,16 +113,25 @@ def create_app(settings: ServeSettings, predictor) -> FastAPI:
     return app
 
 
-async def receive_uploads(request: Request, settings: ServeSettings):
-    """The files of field `images`; an oversized body is refused while it streams in, its rest drained within bounds."""
+async def receive_uploads(request: Request, settings: ServeSettings, reservation: Reservation):
+    """The files of field `images`, covered by the request's share of the upload budget; an oversized body, or one
+    the budget has no room for, is refused as soon as that is known."""
     chunks = request.stream()
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) <= settings.max_upload_bytes:
+        # Refused before a byte is read: uvicorn drops the unread body without holding it, and a client that waits
+        # for 100-continue (curl, for large files) never sends it.
+        reservation.cover(int(declared))
     try:
-        check_declared_length(request.headers.get("content-length"), settings.max_upload_bytes)
-        return await read_uploads(chunks, request.headers.get("content-type"), settings.max_upload_bytes, settings.max_images)
+        check_declared_length(declared, settings.max_upload_bytes)
+        return await read_uploads(covered_as_received(chunks, reservation), request.headers.get("content-type"),
+                                  settings.max_upload_bytes, settings.max_images)
     except RequestError as error:
-        if error.status == 413:
+        if error.status in (413, 503):  # refused while it streams in: its rest is drained within bounds
             await discard(chunks, DRAIN_FACTOR * settings.max_upload_bytes)
         raise
+    except ClientDisconnect:  # gone, or cut off as too slow (carbrand/serve/connections.py): nobody reads this answer
+        raise RequestError(408, "request_timeout", "the client went away before its upload arrived") from None
 
 
 async def discard(chunks, budget_bytes: int) -> None:
@@ -143,7 +160,8 @@ def requested_flag(request: Request, name: str) -> bool:
 def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def request_error(_request: Request, error: RequestError) -> JSONResponse:
-        return JSONResponse({"error": {"code": error.code, "message": error.message}}, status_code=error.status)
+        headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
+        return JSONResponse({"error": {"code": error.code, "message": error.message}}, status_code=error.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:  # 404, 405: same JSON shape
@@ -164,7 +182,9 @@ def model_description(settings: ServeSettings, predictor) -> dict:
         "calibration": calibration(checkpoint),
         "batching": {"enabled": settings.batching.enabled, "max_batch_images": settings.batching.max_batch_images,
                      "max_wait_ms": settings.batching.max_wait_s * 1000},
-        "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_images": settings.max_images},
+        "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_images": settings.max_images,
+                   "max_uploads_in_flight_bytes": settings.max_uploads_in_flight_bytes,
+                   **asdict(settings.connections)},
     }
 
 

@@ -18,8 +18,10 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the settings travel to uvicorn's worker processes, which must read them without importing torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class _Job:
 
 
 # run_batch(crops, sources) -> one prediction per crop, in order
-RunBatch = Callable[[list[torch.Tensor], list[str]], list]
+RunBatch = Callable[[list["torch.Tensor"], list[str]], list]
 
 
 class InferenceBatcher:

@@ -21,9 +21,10 @@ ACCEPTED_PART_TYPES = ("image/", "application/octet-stream")
 class RequestError(Exception):
     """A request the service refuses: answered with `status` and {"error": {"code", "message"}}."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, retry_after_s: int | None = None):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.retry_after_s = retry_after_s  # a 503's Retry-After: when trying again is worth it
 
 
 @dataclass
