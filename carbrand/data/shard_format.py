@@ -16,6 +16,7 @@ carbrand.data.shard_dataset reads and checks them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,3 +153,38 @@ def read_shards_json(directory: Path) -> dict[str, list[ShardEntry]]:
             except (TypeError, ValueError):
                 raise DataError(f"{path}: splits.{name}[{number}]: samples and bytes must be integers") from None
     return result
+
+
+def read_members(directory: Path) -> dict[str, list[Member]]:
+    """Each split's image members in sample order, from shards.json and the index files.
+
+    Cheap checks of every shard, on every rank, before anything trains: the tar is there with the
+    size shards.json recorded (a truncated copy is not), its index is there with the recorded
+    checksum and lists the recorded number of samples, keys in order, each with an image. The
+    tar's own checksum and members are checked by carbrand.data.shard_check, each rank its part.
+    """
+    members: dict[str, list[Member]] = {}
+    for split, entries in read_shards_json(directory).items():
+        members[split] = []
+        for entry in entries:
+            tar, index = directory / entry.name, directory / entry.index
+            if not tar.is_file():
+                raise DataError(f"{tar}: shard missing (shards.json lists it)")
+            if tar.stat().st_size != entry.bytes:
+                raise DataError(f"{tar}: {tar.stat().st_size} bytes, shards.json recorded {entry.bytes}: truncated or replaced")
+            try:
+                text = index.read_bytes()
+            except FileNotFoundError:
+                raise DataError(f"{index}: index missing for shard {tar.name} (DALI reads shards through it; run `carbrand shard` again)") from None
+            if hashlib.sha256(text).hexdigest() != entry.index_sha256:
+                raise DataError(f"{index}: checksum differs from shards.json's: the index was changed or damaged")
+            lines = parse_index(text.decode("utf-8", errors="replace"), str(index))
+            if len(lines) != entry.samples:
+                raise DataError(f"{index}: lists {len(lines)} samples, shards.json recorded {entry.samples}")
+            for line in lines:
+                image = line.image()
+                key = member_key(len(members[split]))
+                if image is None or image[3] != f"{key}.{image[0]}":
+                    raise DataError(f"{tar}: sample {key} has no image member in the index (found {' '.join(m[3] for m in line.members)})")
+                members[split].append(Member(shard=tar, name=image[3], offset=image[1], size=image[2]))
+    return members
