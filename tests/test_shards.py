@@ -165,10 +165,10 @@ def test_the_dali_loaders_read_shards_in_the_exact_order_with_the_files_pixels(s
 
     train = load_prepared(sharded).split("train")
     loader = DaliTrainLoader(data, train, seed=3, gpu=False, **loader_options(rank=1, world_size=2))
-    for epoch in (0, 1):
-        loader.set_epoch(epoch)
+    for epoch, start in ((0, 0), (1, 0), (1, 3)):  # (1, 3): resumed mid-epoch, the order goes on where it stopped
+        loader.set_epoch(epoch, start_batch=start)
         labels = torch.cat([b[1] for b in loader])
-        assert labels.tolist() == [train[i].label for i in loader.epoch_order(epoch)]
+        assert labels.tolist() == [train[i].label for i in loader.epoch_order(epoch)[start * 8:]]
     loader.close()
 
 
