@@ -14,7 +14,7 @@ from carbrand.prepare.shard_command import shard_dataset
 from tests.helpers.fault_runs import TINY, complete_checkpoints, fault_environment
 from tests.helpers.paths import REPO
 from tests.helpers.subprocesses import assert_ok
-from tests.helpers.training_runs import launch_command, probed_train_command, read_metrics, run_training
+from tests.helpers.training_runs import launch_command, probed_train_command, read_metrics, run_training, train_command
 
 EVALUATE = REPO / "carbrand" / "evaluate.py"
 TWO_RANKS = (*TINY, "train.collective_timeout_s=60", "train.log_every=1")
@@ -30,15 +30,19 @@ def sharded(prepared_cars5, tmp_path_factory):
 @pytest.mark.slow
 def test_two_ranks_train_from_shards_with_each_loader_and_the_shards_evaluate_as_the_files(sharded, prepared_cars5, tmp_path):
     torchvision_run, dali_run = tmp_path / "torchvision", tmp_path / "dali"
-    # Both trainings at once: each is mostly start-up, and the machine has few cores.
+    # Both trainings at once, as tests/test_evaluate.py runs its two evaluations: each is mostly start-up.
     commands = [
         ("torchvision", torchvision_run, ("data.loader=torchvision", "train.max_steps=3")),
         ("dali", dali_run, ("data.loader=dali", "data.decode=cpu", "data.workers=1", "train.max_steps=2")),
     ]
-    for _, run_dir, overrides in commands:
-        result = run_training(sharded / "shards.json", run_dir, *TWO_RANKS, *overrides, num_processes=2, env=fault_environment())
-        assert_ok(result)
-        assert "266 train / 30 val images" in result.stdout
+    trainings = [subprocess.Popen([str(a) for a in train_command(sharded / "shards.json", run_dir, *TWO_RANKS, *overrides,
+                                                                 num_processes=2)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fault_environment(), cwd=REPO)
+                 for _, run_dir, overrides in commands]
+    for training in trainings:
+        stdout, stderr = training.communicate(timeout=600)
+        assert training.returncode == 0, stderr[-3000:]
+        assert "266 train / 30 val images" in stdout
     assert [r["step"] for r in read_metrics(dali_run) if "train/loss" in r] == [1, 2]
 
     # The torchvision run's model, evaluated from the shards on 2 processes and from the files on 1.
