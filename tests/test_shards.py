@@ -222,3 +222,18 @@ def test_evaluate_on_a_bad_shard_exits_1_with_one_line(sharded, fitted_cars5_exp
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0] and "truncated" in lines[0], result.stderr[-2000:]
     assert not (tmp_path / "eval").exists()
+
+
+def test_the_reports_gallery_reads_a_sharded_datasets_photos_from_their_shards(sharded):
+    """On a cluster only the shards may be there: the worst-mistakes gallery must not need the source photos."""
+    from carbrand.evaluation.html_report import build_gallery
+    from carbrand.evaluation.report import SampleRecord, ScoredSample
+
+    sample = load_prepared(sharded).split("test")[0]
+    record = SampleRecord(index=0, predicted=(sample.label + 1) % 5, confidence=0.9, true_probability=0.05, topk=(0,),
+                          topk_probabilities=(0.9,))
+    scored = ScoredSample(path="/gone/photo.jpg", true_brand=sample.brand, target=sample.label, record=record,
+                          member=sample.member)
+    gallery = build_gallery([scored], load_prepared(sharded).classes, per_brand=1, explain=None)
+    (item,) = gallery[0].items
+    assert item.error is None and item.thumbnail[:2] == b"\xff\xd8"
