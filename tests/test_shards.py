@@ -19,7 +19,11 @@ from carbrand.config import DataConfig
 from carbrand.data.loader_base import shard_sizes
 from carbrand.data.manifest import load_prepared
 from carbrand.data.shard_check import check_split_shards
-from carbrand.data.sharding import eval_shard, sharded_train_shard, train_batches_per_epoch
+from carbrand.data.sharding import (
+    eval_shard,
+    sharded_train_shard,
+    train_batches_per_epoch,
+)
 from carbrand.data.torch_loader import TorchEvalLoader, TorchTrainLoader
 from carbrand.errors import DataError
 from carbrand.prepare import shard_writer
@@ -86,6 +90,9 @@ def test_a_killed_write_leaves_no_complete_looking_shard_and_a_rerun_finishes_wi
     assert not (out / "shards.json").exists() and not list(out.rglob(".tmp-*"))
     complete = sorted(p.name for p in (out / "train").glob("*.tar"))
     assert complete == ["shard-000000.tar", "shard-000001.tar"]  # the interrupted third is not there under its name
+    with pytest.raises(DataError, match="holds other photos"):  # another order is not resumed into these shards
+        shard_dataset(prepared_cars5, out, shard_size_mb=SHARD_MB, seed=1, quiet=True)
+    assert sorted(p.name for p in (out / "train").glob("*.tar")) == complete
     (out / "train" / ".tmp-shard-000002.tar").write_bytes(b"half")  # what a kill -9 leaves
 
     stats = shard_dataset(prepared_cars5, out, shard_size_mb=SHARD_MB, quiet=True)

@@ -14,7 +14,13 @@ from carbrand.prepare.shard_command import shard_dataset
 from tests.helpers.fault_runs import TINY, complete_checkpoints, fault_environment
 from tests.helpers.paths import REPO
 from tests.helpers.subprocesses import assert_ok
-from tests.helpers.training_runs import launch_command, probed_train_command, read_metrics, run_training, train_command
+from tests.helpers.training_runs import (
+    launch_command,
+    probed_train_command,
+    read_metrics,
+    run_training,
+    train_command,
+)
 
 EVALUATE = REPO / "carbrand" / "evaluate.py"
 TWO_RANKS = (*TINY, "train.collective_timeout_s=60", "train.log_every=1")

@@ -48,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_shard_reading_benchmark(args: argparse.Namespace) -> dict:
-    from carbrand.prepare.shard_command import shard_dataset  # the bench's own set-up, not what it measures
+    from carbrand.prepare.shard_command import (
+        shard_dataset,  # the bench's own set-up, not what it measures
+    )
 
     backends = args.backends.split(",")
     if any(b not in BACKENDS for b in backends):

@@ -132,9 +132,9 @@ def load_prepared(directory: str | Path) -> PreparedDataset:
         # and its paths only name each sample's origin in reports.
         root = Path(info.get("root", "."))
         members = read_members(directory)
-        splits = {name: [dataclasses.replace(sample, member=member) for sample, member in
-                         zip(_read_split(directory / f"{name}.csv", root, None, classes, car_models), _members_of(members, name, directory))]
-                  for name in members}
+        splits = {name: _with_members(_read_split(directory / f"{name}.csv", root, None, classes, car_models), split_members,
+                                      directory / f"{name}.csv")
+                  for name, split_members in members.items()}
     else:
         root = dataset_root(directory, info)
         guard = RootGuard(root, _linked(directory / "manifest.json", info))
@@ -145,13 +145,11 @@ def load_prepared(directory: str | Path) -> PreparedDataset:
     return PreparedDataset(directory=directory, root=root, classes=classes, splits=splits, info=info, car_models=car_models)
 
 
-def _members_of(members: dict[str, list[Member]], name: str, directory: Path) -> list[Member]:
-    """The split's members, as many as its CSV has rows (checked by the caller's zip through this length check)."""
-    rows = sum(1 for _ in (directory / f"{name}.csv").open(encoding="utf-8")) - 1
-    if rows != len(members[name]):
-        raise DataError(f"{directory / name}.csv lists {rows} samples, its shards hold {len(members[name])}: "
-                        f"run `carbrand shard` again")
-    return members[name]
+def _with_members(samples: list[Sample], members: list[Member], csv_path: Path) -> list[Sample]:
+    """A sharded split's samples, each with where its image lies (row i of the CSV is sample i of the shards)."""
+    if len(samples) != len(members):
+        raise DataError(f"{csv_path} lists {len(samples)} samples, its shards hold {len(members)}: run `carbrand shard` again")
+    return [dataclasses.replace(sample, member=member) for sample, member in zip(samples, members)]
 
 
 def recorded_max_pixels(directory: Path, info: dict[str, Any]) -> int:

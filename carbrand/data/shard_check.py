@@ -20,7 +20,12 @@ from PIL import UnidentifiedImageError
 
 from carbrand.data.images import open_within_pixel_limit
 from carbrand.data.manifest import Sample
-from carbrand.data.shard_format import SHARDS_FILE, ShardEntry, parse_index, read_shards_json
+from carbrand.data.shard_format import (
+    SHARDS_FILE,
+    ShardEntry,
+    parse_index,
+    read_shards_json,
+)
 from carbrand.errors import DataError, first_line
 
 # The image kind PIL reports for each image member extension (shard_format.IMAGE_MEMBER_EXTENSIONS).

@@ -54,7 +54,7 @@ def shard_dataset(prepared: Path, out: Path, *, shard_size_mb: float = DEFAULT_S
             continue
         ordered[name] = [samples[i] for i in shard_order(len(samples), seed)]
         entries[name] = write_split(ordered[name], out / name, shard_bytes=int(shard_size_mb * 2**20), max_pixels=max_pixels,
-                                    json_text=json_text, stats=stats, progress=None)
+                                    json_text=json_text, stats=stats)
         if not quiet:
             print(f"carbrand shard: {name}: {len(samples)} samples in {len(entries[name])} shard(s)", file=sys.stderr)
     info = {key: value for key, value in dataset.info.items() if key not in ("format_version", "root")}

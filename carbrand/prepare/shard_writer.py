@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
+import json
 import os
 import tarfile
 import time
@@ -28,7 +30,13 @@ from PIL import Image, UnidentifiedImageError
 
 from carbrand.data.images import open_within_pixel_limit
 from carbrand.data.manifest import Sample
-from carbrand.data.shard_format import IndexLine, ShardEntry, index_text, member_key, parse_index
+from carbrand.data.shard_format import (
+    IndexLine,
+    ShardEntry,
+    index_text,
+    member_key,
+    parse_index,
+)
 from carbrand.errors import DataError, first_line
 
 TAR_FORMAT = tarfile.USTAR_FORMAT  # 512-byte headers, readable by every tar and by DALI
@@ -157,7 +165,7 @@ def complete_shards(folder: Path) -> list[ShardEntry]:
     for leftover in folder.glob(".tmp-*"):
         leftover.unlink()
     entries = []
-    for number in range(1_000_000):
+    for number in itertools.count():
         tar, index = folder / f"{shard_name(number)}.tar", folder / f"{shard_name(number)}.idx"
         if not (tar.is_file() and index.is_file()):
             break
@@ -176,24 +184,40 @@ def complete_shards(folder: Path) -> list[ShardEntry]:
     return entries
 
 
+def _recorded_sources(tar: Path, lines: list[IndexLine]) -> list[str]:
+    """The source path each sample's .json member records, in order (read at the offsets the index gives)."""
+    sources = []
+    with tar.open("rb") as handle:
+        for line in lines:
+            found = [m for m in line.members if m[0] == "json"]
+            if not found:
+                return []
+            _, offset, size, _ = found[0]
+            handle.seek(offset)
+            try:
+                sources.append(json.loads(handle.read(size))["path"])
+            except (ValueError, KeyError, TypeError):
+                return []
+    return sources
+
+
 def write_split(samples: Sequence[Sample], folder: Path, *, shard_bytes: int, max_pixels: int,
-                json_text: Callable[[Sample], str], stats: WriteStats, progress: Callable[[int], None] | None = None) -> list[ShardEntry]:
+                json_text: Callable[[Sample], str], stats: WriteStats) -> list[ShardEntry]:
     """Write `samples` (already in shard order) into `folder`'s shards, keeping a previous run's complete ones."""
     folder.mkdir(parents=True, exist_ok=True)
     entries = complete_shards(folder)
-    position = 0
-    for entry in entries:  # a kept shard must hold exactly the samples at its place in the order
+    kept = 0
+    for entry in entries:  # a kept shard must hold exactly the photos at its place in the order
         lines = parse_index((folder.parent / entry.index).read_text(encoding="utf-8"), entry.index)
-        expected = [member_key(p) for p in range(position, position + len(lines))]
-        if [line.members[0][3].split(".", 1)[0] for line in lines] != expected or position + len(lines) > len(samples):
-            raise DataError(f"{folder.parent / entry.name}: holds other samples than this split's order puts there "
+        if _recorded_sources(folder.parent / entry.name, lines) != [str(s.path) for s in samples[kept:kept + len(lines)]]:
+            raise DataError(f"{folder.parent / entry.name}: holds other photos than this split's order puts there "
                             f"(another seed or dataset?); delete {folder} or write to another --out")
-        position += len(lines)
-    stats.samples_kept += position
+        kept += len(lines)
+    stats.samples_kept += kept
     start = time.perf_counter()
     builder = None
     try:
-        for position in range(position, len(samples)):
+        for position in range(kept, len(samples)):
             members = sample_members(samples[position], max_pixels, json_text)
             size = sum(len(data) for _, data in members) + 512 * (len(members) + 3)
             if builder is not None and builder.lines and builder.bytes + size > shard_bytes:
@@ -204,8 +228,6 @@ def write_split(samples: Sequence[Sample], folder: Path, *, shard_bytes: int, ma
                 builder = _ShardBuilder(folder, len(entries))
             builder.add(member_key(position), members)
             stats.samples_written += 1
-            if progress is not None:
-                progress(1)
         if builder is not None:
             entries.append(builder.finish())
             stats.bytes_written += entries[-1].bytes
