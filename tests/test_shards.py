@@ -244,3 +244,25 @@ def test_the_reports_gallery_reads_a_sharded_datasets_photos_from_their_shards(s
     gallery = build_gallery([scored], load_prepared(sharded).classes, per_brand=1, explain=None)
     (item,) = gallery[0].items
     assert item.error is None and item.thumbnail[:2] == b"\xff\xd8"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dali_gpu_decode_reads_shards_in_the_exact_order(sharded):
+    """The production path: the mixed decoder behind fn.readers.webdataset, train and eval (tests/run_gpu_checks.sh)."""
+    from carbrand.data.dali_pipelines import DaliEvalLoader, DaliTrainLoader
+
+    data = DataConfig(manifest=str(sharded), batch_size=8, workers=2, image_size=64)
+    options = dict(device=torch.device("cuda", 0), dtype=torch.float16, channels_last=True)
+    train = load_prepared(sharded).split("train")
+    loader = DaliTrainLoader(data, train, seed=3, gpu=True, rank=0, world_size=2, **options)
+    loader.set_epoch(1, start_batch=2)
+    batches = list(loader)
+    assert batches[0][0].is_cuda and batches[0][0].shape == (8, 3, 64, 64)
+    assert torch.cat([b[1] for b in batches]).tolist() == [train[i].label for i in loader.epoch_order(1)[16:]]
+    loader.close()
+    test = load_prepared(sharded).split("test")
+    loader = DaliEvalLoader(data, test, gpu=True, rank=1, world_size=2, **options)
+    indices = torch.cat([b[2] for b in loader])
+    assert indices.tolist() == eval_shard(len(test), rank=1, world_size=2, contiguous=True).tolist()
+    loader.close()
