@@ -1,6 +1,7 @@
 """`carbrand` console script: one sub-command per job, each owned by its own module.
 
     carbrand prepare SOURCE --out DIR        carbrand.prepare.command
+    carbrand shard PREPARED --out DIR        carbrand.prepare.shard_command
     carbrand train --config FILE [k=v ...]   carbrand.train
     carbrand evaluate --checkpoint DIR ...   carbrand.evaluate
     carbrand predict --checkpoint DIR PATH   carbrand.inference.predict
@@ -26,6 +27,7 @@ from carbrand.command_line import run_command_module
 
 COMMANDS = {
     "prepare": ("carbrand.prepare.command", "verify images and write a prepared dataset (manifest)"),
+    "shard": ("carbrand.prepare.shard_command", "write a prepared dataset as WebDataset tar shards (clusters: docs/CLUSTER.md)"),
     "train": ("carbrand.train", "train a brand classifier (use `accelerate launch` for several processes)"),
     "evaluate": ("carbrand.evaluate", "test-set metrics of an exported model"),
     "predict": ("carbrand.inference.predict", "which brand is this? top-k brands for image files or folders"),

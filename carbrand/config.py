@@ -23,7 +23,7 @@ from carbrand.errors import ConfigError
 
 @dataclass
 class DataConfig:
-    manifest: str = "demo/prepared"  # directory written by `carbrand prepare --out` (default: where `carbrand demo` writes)
+    manifest: str = "demo/prepared"  # directory written by `carbrand prepare --out` or `carbrand shard --out` (or its shards.json)
     labels: str = "brand"  # what the network learns: brand | car_model (each brand's models, summed into it; Stanford Cars)
     loader: str = "auto"  # auto (DALI; torchvision for CPU decode over 4 workers) | dali | torchvision | memory (noise, for benchmarks)
     decode: str = "auto"  # auto (gpu when CUDA is there) | gpu (nvJPEG/HW decoder) | cpu
@@ -300,7 +300,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"config key '{key}' {rule}; got {value!r}")
 
     d, m, o, t = config.data, config.model, config.optim, config.train
-    check(bool(d.manifest), "data.manifest", "must name a prepared dataset directory")
+    check(bool(d.manifest), "data.manifest", "must name a prepared dataset directory or a sharded one")
     check(d.image_size >= 32, "data.image_size", "must be at least 32")
     check(d.eval_image_size == 0 or d.eval_image_size >= 32, "data.eval_image_size", "must be 0 (= image_size) or at least 32")
     check(len(d.mean) == 3 and all(0 <= v <= 1 for v in d.mean), "data.mean", "must be 3 values in [0, 1] (R, G, B)")

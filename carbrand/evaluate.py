@@ -328,7 +328,8 @@ def report_results(evaluation: Evaluation, options: ReportOptions) -> Tracker | 
     threshold = evaluation.confidence.threshold
     scored = [report.ScoredSample(path=str(samples[r.index].path), true_brand=samples[r.index].brand,
                                   target=evaluation.targets[r.index], record=r,
-                                  rejected=threshold is not None and r.calibrated_confidence < threshold)
+                                  rejected=threshold is not None and r.calibrated_confidence < threshold,
+                                  member=samples[r.index].member)
               for r in evaluation.records]
     metrics = confidence_metrics(evaluation, scored)
     gallery = build_gallery(report.mistakes(scored), classes, options.gallery, options.explain, options.max_pixels) if options.gallery else []

@@ -68,7 +68,7 @@ step 150 "${carbrand[@]}" bench train "${recipe[@]}" --precisions bf16 --out "$o
 step 480 "${carbrand[@]}" bench train "${recipe[@]}" data.augment=trivial --precisions bf16,fp16 --compile off,on \
   --steps 100 --out "$out/bench_train_trivial.json"
 # The GPU tests (after the headline benchmarks above)
-step 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_loaders.py > "$out/gpu_tests.log" 2>&1; tail -5 "$out/gpu_tests.log"
+step 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_loaders.py tests/test_shards.py > "$out/gpu_tests.log" 2>&1; tail -5 "$out/gpu_tests.log"
 for load in 0 0.99; do
   step 60 "${carbrand[@]}" bench data --manifest "$set_1024" --backends dali-gpu --pipelines train --workers 16 \
     --batch-size 256 --batches 20 --warmup-batches 5 --hw-decoder-load $load --out "$out/bench_hw_decoder_$load.json"

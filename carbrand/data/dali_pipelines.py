@@ -5,7 +5,9 @@ decoder) and every later op on the GPU; `decode="cpu"` runs the same graph on th
 with `device_id=None`, so it works on machines without a GPU and in tests.
 
 Files and labels reach the reader as Python lists, never as a `file_list` text file:
-names may hold spaces, commas, parentheses or any Unicode character.
+names may hold spaces, commas, parentheses or any Unicode character. A sharded split is read
+by `fn.readers.webdataset` through index files of the exact order (dali_shards.py); its labels
+and sample indices then come from that order on the Python side, batch by batch.
 
 This module imports DALI at the top; `carbrand.data.loaders` imports it only when the
 DALI backend is chosen, so the package works without DALI installed.
@@ -24,7 +26,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from carbrand.config import DataConfig
 from carbrand.data.dali_augment import apply_augment_policy
 from carbrand.data.images import check_pixel_limits
-from carbrand.data.loader_base import EvalLoader, TrainLoader
+from carbrand.data.dali_shards import PieceWriter, ShardPieces
+from carbrand.data.loader_base import EvalLoader, TrainLoader, shard_sizes
 from carbrand.data.manifest import Sample
 from carbrand.data.preprocessing import (
     TRAIN_ASPECT_RATIO,
@@ -32,6 +35,7 @@ from carbrand.data.preprocessing import (
     eval_crop_side_fraction,
     on_255_scale,
 )
+from carbrand.data.shard_format import DALI_IMAGE_EXT
 from carbrand.data.sharding import augmentation_seed
 
 READER = "Reader"  # the iterator finds the shard size through the reader's name
@@ -78,9 +82,20 @@ def _normalize(images, data: DataConfig, *, channels_last: bool, half: bool, mir
     )
 
 
-def _train_graph(files: list[str], labels: list[int], *, gpu: bool, data: DataConfig, channels_last: bool, half: bool):
+def _read_shards(pieces: ShardPieces, **reader_args):
+    """A sharded split's encoded images in the pieces' order (its labels are known from that order)."""
+    # missing_component_behavior="error": a sample without its image stops the run, never skipped.
+    return fn.readers.webdataset(paths=pieces.paths, index_paths=pieces.index_paths, ext=[DALI_IMAGE_EXT],
+                                 missing_component_behavior="error", random_shuffle=False, name=READER, **reader_args)
+
+
+def _train_graph(files: list[str] | ShardPieces, labels: list[int] | None, *, gpu: bool, data: DataConfig,
+                 channels_last: bool, half: bool):
     # random_shuffle=False: the order is the epoch's exact permutation from sharding.py.
-    jpegs, labels_out = fn.readers.file(files=files, labels=labels, random_shuffle=False, name=READER)
+    if isinstance(files, ShardPieces):
+        jpegs, labels_out = _read_shards(files), None
+    else:
+        jpegs, labels_out = fn.readers.file(files=files, labels=labels, random_shuffle=False, name=READER)
     # Decodes only the random crop's region of interest (less work than decode-then-crop).
     images = fn.decoders.image_random_crop(
         jpegs,
@@ -92,7 +107,7 @@ def _train_graph(files: list[str], labels: list[int], *, gpu: bool, data: DataCo
     images = fn.resize(images, resize_x=data.image_size, resize_y=data.image_size)  # antialiased linear
     images = apply_augment_policy(images, data)  # on uint8, before normalisation, as in the torchvision loader
     images = _normalize(images, data, channels_last=channels_last, half=half, mirror=fn.random.coin_flip(probability=0.5))
-    return images, labels_out
+    return images if labels_out is None else (images, labels_out)
 
 
 train_pipeline = pipeline_def(_train_graph)
@@ -102,13 +117,16 @@ augmented_train_pipeline = pipeline_def(_train_graph, enable_conditionals=True)
 
 
 @pipeline_def
-def eval_pipeline(files: list[str], *, gpu: bool, data: DataConfig, channels_last: bool, half: bool):
+def eval_pipeline(files: list[str] | ShardPieces, *, gpu: bool, data: DataConfig, channels_last: bool, half: bool):
     # Labels are positions in `files`; the loader maps them back to (label, sample index).
     # pad_last_batch=True repeats the last sample to fill the final batch (the iterator's
     # PARTIAL policy cuts those repeats off) and keeps the next pass aligned to sample 0.
-    jpegs, positions = fn.readers.file(
-        files=files, labels=list(range(len(files))), random_shuffle=False, pad_last_batch=True, name=READER
-    )
+    if isinstance(files, ShardPieces):  # positions are counted by the loader: the pieces' order is the shard's
+        jpegs, positions = _read_shards(files, pad_last_batch=True), None
+    else:
+        jpegs, positions = fn.readers.file(
+            files=files, labels=list(range(len(files))), random_shuffle=False, pad_last_batch=True, name=READER
+        )
     images = fn.decoders.image(jpegs, **_decoder_args(gpu, data.hw_decoder_load))
     # "Resize the shorter side to R, centre-crop S" done as one resize of the centred source
     # square (side = shorter * S / R) straight to S x S: the same exact, sub-pixel geometry
@@ -123,7 +141,7 @@ def eval_pipeline(files: list[str], *, gpu: bool, data: DataConfig, channels_las
         roi_end=fn.stack((height + side) * 0.5, (width + side) * 0.5),
     )
     images = _normalize(images, data, channels_last=channels_last, half=half)
-    return images, positions
+    return images if positions is None else (images, positions)
 
 
 class _Output:
@@ -173,15 +191,21 @@ class DaliTrainLoader(TrainLoader):
 
     def __init__(self, data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int, seed: int,
                  gpu: bool, device: torch.device, dtype: torch.dtype, channels_last: bool):
-        super().__init__(len(samples), rank=rank, world_size=world_size, seed=seed, batch_size=data.batch_size)
+        super().__init__(len(samples), rank=rank, world_size=world_size, seed=seed, batch_size=data.batch_size,
+                         shards=shard_sizes(samples))
         self.epochs_per_pipeline = max(1, SAMPLES_PER_PIPELINE // max(1, self.batches_per_epoch * data.batch_size))
         self.pipelines_built = 0
         self._data, self._gpu, self._device = data, gpu, device
         self._files = [str(s.path) for s in samples]
         self._labels = [s.label for s in samples]
-        # DALI decodes any size: refuse oversized images now, from their headers. Each rank reads
-        # every world_size-th file, so together the ranks check each file once.
-        check_pixel_limits(self._files[rank::world_size], data.max_pixels)
+        # A sharded split: members read through index pieces; shard_check has read every image header.
+        self._members = [s.member for s in samples] if self.shards is not None else None
+        self._pieces = PieceWriter() if self._members is not None else None
+        self._stream_labels: torch.Tensor | None = None  # a sharded stream's labels, in its order
+        if self._members is None:
+            # DALI decodes any size: refuse oversized images now, from their headers. Each rank reads
+            # every world_size-th file, so together the ranks check each file once.
+            check_pixel_limits(self._files[rank::world_size], data.max_pixels)
         self._output = _Output(device, dtype, channels_last)
         self._stream = None  # (iterator, pipeline) of the live pipeline
         self._stream_next: tuple[int, int] | None = None  # (epoch, batch) the live pipeline yields next
@@ -197,6 +221,9 @@ class DaliTrainLoader(TrainLoader):
         last_epoch = self._stream_last_epoch
         for index in range(first, self.batches_per_epoch):
             (batch,) = next(iterator)
+            if self._stream_labels is not None:  # a sharded stream: batch n of the stream is its order's n-th slice
+                batch["labels"] = self._stream_labels[self._stream_batches * self.batch_size:][: self.batch_size]
+                self._stream_batches += 1
             # Advance the bookmark before handing the batch out: a caller that stops after any
             # batch (max_steps, a stop signal) leaves the stream exactly where the bookmark says.
             at_end = index + 1 == self.batches_per_epoch
@@ -213,8 +240,14 @@ class DaliTrainLoader(TrainLoader):
         orders = [self.epoch_order(e) for e in range(epoch, epoch + self.epochs_per_pipeline)]
         order = np.concatenate(orders)[first_batch * self.batch_size:]
         factory = train_pipeline if self._data.augment == "none" else augmented_train_pipeline
+        if self._members is not None:
+            source, labels = self._pieces.write([self._members[i] for i in order]), None
+            self._stream_labels = torch.tensor([self._labels[i] for i in order], dtype=torch.int64)
+            self._stream_batches = 0
+        else:
+            source, labels = [self._files[i] for i in order], [self._labels[i] for i in order]
         pipe = factory(
-            [self._files[i] for i in order], [self._labels[i] for i in order],
+            source, labels,
             gpu=self._gpu, data=self._data, channels_last=self._output.channels_last, half=self._output.half,
             **_pipeline_args(self._data, gpu=self._gpu, device=self._device,
                              seed=augmentation_seed(self.seed, rank=self.rank, epoch=epoch)),
@@ -223,8 +256,8 @@ class DaliTrainLoader(TrainLoader):
         self.pipelines_built += 1
         # Whole batches only, so DROP never drops anything; it is stated so a wrong count
         # would shorten the stream rather than pad it.
-        iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER,
-                                       last_batch_policy=LastBatchPolicy.DROP)
+        outputs = ["images"] if self._members is not None else ["images", "labels"]
+        iterator = DALIGenericIterator([pipe], outputs, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP)
         self._stream, self._stream_next = (iterator, pipe), (epoch, first_batch)
         self._stream_last_epoch = epoch + self.epochs_per_pipeline - 1
 
@@ -233,6 +266,8 @@ class DaliTrainLoader(TrainLoader):
 
     def close(self) -> None:
         self._close_stream()
+        if self._pieces is not None:
+            self._pieces.close()
 
 
 class DaliEvalLoader(EvalLoader):
@@ -240,14 +275,19 @@ class DaliEvalLoader(EvalLoader):
 
     def __init__(self, data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int,
                  gpu: bool, device: torch.device, dtype: torch.dtype, channels_last: bool):
-        super().__init__(len(samples), rank=rank, world_size=world_size, batch_size=data.batch_size)
+        sharded = shard_sizes(samples) is not None
+        super().__init__(len(samples), rank=rank, world_size=world_size, batch_size=data.batch_size, sharded=sharded)
         shard = self.shard
         self._output = _Output(device, dtype, channels_last)
         # position in the shard -> global sample index / true label, looked up after each batch
         self._indices = torch.as_tensor(shard, dtype=torch.int64)
         self._labels = torch.tensor([samples[i].label for i in shard], dtype=torch.int64)
-        self._files = [str(samples[i].path) for i in shard]
-        check_pixel_limits(self._files, data.max_pixels)  # DALI decodes any size: refuse oversized images now, from their headers
+        self._pieces = PieceWriter() if sharded else None
+        if sharded:  # shard_check has read every image header
+            self._files = self._pieces.write([samples[i].member for i in shard]) if len(shard) else None
+        else:
+            self._files = [str(samples[i].path) for i in shard]
+            check_pixel_limits(self._files, data.max_pixels)  # DALI decodes any size: refuse oversized images now, from their headers
         self._pipeline_kwargs = dict(
             gpu=gpu, data=data, channels_last=channels_last, half=self._output.half,
             **_pipeline_args(data, gpu=gpu, device=device, seed=0),  # eval draws no random numbers
@@ -258,7 +298,11 @@ class DaliEvalLoader(EvalLoader):
         if not self.num_samples:  # a rank with no samples (more ranks than samples) yields nothing
             return
         iterator, self._iterator = self._iterator or self._new_iterator(), None  # a pass abandoned half-way is not reused
+        start = 0
         for (batch,) in iterator:
+            if self._pieces is not None:  # a sharded split's batches come in the shard order: count the positions
+                count = batch["images"].shape[0]
+                batch["positions"], start = torch.arange(start, start + count), start + count
             positions = batch["positions"].reshape(-1).to("cpu", dtype=torch.int64)
             labels = self._labels[positions].to(self._output.device, non_blocking=True)
             yield self._output.images(batch["images"]), labels, self._indices[positions]
@@ -268,8 +312,11 @@ class DaliEvalLoader(EvalLoader):
         pipe = eval_pipeline(self._files, **self._pipeline_kwargs)
         pipe.build()
         # PARTIAL: the padded repeats in the last batch are cut off, never counted twice.
-        return DALIGenericIterator([pipe], ["images", "positions"], reader_name=READER,
+        outputs = ["images"] if self._pieces is not None else ["images", "positions"]
+        return DALIGenericIterator([pipe], outputs, reader_name=READER,
                                    last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
 
     def close(self) -> None:
         self._iterator = None
+        if self._pieces is not None:
+            self._pieces.close()

@@ -25,6 +25,7 @@ from carbrand.config import DataConfig
 from carbrand.data.loader_base import EvalLoader, TrainLoader
 from carbrand.data.manifest import Sample
 from carbrand.data.memory_loader import MemoryEvalLoader, MemoryTrainLoader
+from carbrand.data.shard_check import check_split_shards
 from carbrand.data.torch_loader import TorchEvalLoader, TorchTrainLoader
 from carbrand.errors import UsageError
 
@@ -90,6 +91,8 @@ def build_train_loader(data: DataConfig, samples: Sequence[Sample], *, backend: 
     options = dict(rank=rank, world_size=world_size, seed=seed, device=device, dtype=dtype, channels_last=channels_last)
     if backend.loader == "memory":
         return MemoryTrainLoader(data, samples, **options)
+    # A sharded split: this rank's part of its shards checked through before the first step (nothing for files).
+    check_split_shards(samples, rank=rank, world_size=world_size, max_pixels=data.max_pixels)
     if backend.loader == "dali":
         from carbrand.data.dali_pipelines import DaliTrainLoader  # DALI is an optional extra: imported only when used
 
@@ -102,6 +105,7 @@ def build_eval_loader(data: DataConfig, samples: Sequence[Sample], *, backend: B
     options = dict(rank=rank, world_size=world_size, device=device, dtype=dtype, channels_last=channels_last)
     if backend.loader == "memory":
         return MemoryEvalLoader(data, samples, **options)
+    check_split_shards(samples, rank=rank, world_size=world_size, max_pixels=data.max_pixels)
     if backend.loader == "dali":
         from carbrand.data.dali_pipelines import DaliEvalLoader  # DALI is an optional extra: imported only when used
 

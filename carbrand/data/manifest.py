@@ -14,6 +14,7 @@ where they really lead (symlinks followed), not only as written.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any
 
 from carbrand.car_models import CAR_MODELS_FILE, CarModel, read_car_models
 from carbrand.data.preprocessing import MAX_PIXELS
+from carbrand.data.shard_format import Member, is_sharded, read_members, sharded_directory
 from carbrand.errors import DataError
 
 FORMAT_VERSION = 1
@@ -34,6 +36,7 @@ class Sample:
     label: int  # index into classes
     brand: str  # classes[label], kept for readable CSVs and error messages
     car_model: int | None = None  # index into car_models.json, where the dataset has one
+    member: Member | None = None  # where the image lies inside a shard (a sharded dataset); `path` is then its source
 
 
 @dataclass
@@ -119,17 +122,34 @@ def dataset_root(directory: Path, info: dict[str, Any]) -> Path:
 
 
 def load_prepared(directory: str | Path) -> PreparedDataset:
-    directory = Path(directory)
+    """A prepared dataset (the folder prepare wrote), or a sharded one (the folder `carbrand shard` wrote, or its shards.json)."""
+    directory = sharded_directory(directory)
     info = read_manifest(directory)
-    root = dataset_root(directory, info)
     classes = _read_classes(directory / "classes.json")
     car_models = read_car_models(directory / CAR_MODELS_FILE, classes) if (directory / CAR_MODELS_FILE).is_file() else None
-    guard = RootGuard(root, _linked(directory / "manifest.json", info))
-    splits = {name: _read_split(directory / f"{name}.csv", guard, classes, car_models)
-              for name in SPLITS if (directory / f"{name}.csv").is_file()}
+    if is_sharded(directory):
+        # The images are in the shards: the source root need not exist here (a cluster gets only the shards),
+        # and its paths only name each sample's origin in reports.
+        root = Path(info.get("root", "."))
+        members = read_members(directory)
+        splits = {name: _with_members(_read_split(directory / f"{name}.csv", root, None, classes, car_models), split_members,
+                                      directory / f"{name}.csv")
+                  for name, split_members in members.items()}
+    else:
+        root = dataset_root(directory, info)
+        guard = RootGuard(root, _linked(directory / "manifest.json", info))
+        splits = {name: _read_split(directory / f"{name}.csv", root, guard, classes, car_models)
+                  for name in SPLITS if (directory / f"{name}.csv").is_file()}
     if not splits.get("train") and not splits.get("test"):
         raise DataError(f"{directory}: no samples in any split")
     return PreparedDataset(directory=directory, root=root, classes=classes, splits=splits, info=info, car_models=car_models)
+
+
+def _with_members(samples: list[Sample], members: list[Member], csv_path: Path) -> list[Sample]:
+    """A sharded split's samples, each with where its image lies (row i of the CSV is sample i of the shards)."""
+    if len(samples) != len(members):
+        raise DataError(f"{csv_path} lists {len(samples)} samples, its shards hold {len(members)}: run `carbrand shard` again")
+    return [dataclasses.replace(sample, member=member) for sample, member in zip(samples, members)]
 
 
 def recorded_max_pixels(directory: Path, info: dict[str, Any]) -> int:
@@ -143,6 +163,7 @@ def recorded_max_pixels(directory: Path, info: dict[str, Any]) -> int:
 
 def read_manifest(directory: Path) -> dict[str, Any]:
     """manifest.json as a dict, its format version checked."""
+    directory = sharded_directory(directory)
     manifest_path = directory / "manifest.json"
     if not directory.is_dir():
         raise DataError(f"prepared dataset not found: {directory} (run `carbrand prepare SOURCE --out {directory}`)")
@@ -185,8 +206,8 @@ def _linked(manifest_path: Path, info: dict[str, Any]) -> dict[str, str]:
     return linked
 
 
-def _read_split(path: Path, guard: RootGuard, classes: list[str], car_models: list[CarModel] | None) -> list[Sample]:
-    samples, root = [], guard.root
+def _read_split(path: Path, root: Path, guard: RootGuard | None, classes: list[str], car_models: list[CarModel] | None) -> list[Sample]:
+    samples = []
     car_model_index = {m.name: i for i, m in enumerate(car_models or [])}
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
@@ -203,7 +224,8 @@ def _read_split(path: Path, guard: RootGuard, classes: list[str], car_models: li
             if row["brand"] != classes[label]:
                 raise DataError(f"{where}: brand {row['brand']!r} does not match classes.json[{label}] = {classes[label]!r}")
             image = safe_relative_path(root, row["path"], where)
-            guard.check(image, row["path"], where)
+            if guard is not None:  # a sharded dataset's images are in its shards, not under the root
+                guard.check(image, row["path"], where)
             samples.append(Sample(path=image, label=label, brand=row["brand"],
                                   car_model=_car_model(row, car_models, car_model_index, where)))
     return samples

@@ -8,6 +8,13 @@ has already trained on.
 
 Eval: rank r takes indices r, r + world_size, ... — no padding and no drops, so the union
 over ranks is exactly the split and every sample is counted once.
+
+Sharded datasets (carbrand shard) keep both rules but read shard by shard: the epoch's global
+order is the shards in a seeded order, each shard's samples in a seeded order of their own (a
+shuffle buffer as large as the shard), and rank r takes the r-th contiguous block of it, so each
+rank reads its own shards from start to end instead of a member here and there in all of them.
+The samples left out of an epoch are, as with files, the fewer than one global batch that do not
+fill one on every rank: here the tail of the epoch's order. Eval takes contiguous blocks too.
 """
 
 from __future__ import annotations
@@ -47,9 +54,24 @@ def train_shard(num_samples: int, *, seed: int, epoch: int, rank: int, world_siz
     return permutation[rank::world_size][: batches * batch_size]
 
 
-def eval_shard(num_samples: int, *, rank: int, world_size: int) -> np.ndarray:
+def sharded_train_shard(shard_sizes: list[int], *, seed: int, epoch: int, rank: int, world_size: int,
+                        batch_size: int) -> np.ndarray:
+    """Indices rank `rank` trains on in `epoch` of a sharded split (shard j holds the next shard_sizes[j] indices)."""
+    check_rank(rank, world_size)
+    batches = train_batches_per_epoch(sum(shard_sizes), world_size=world_size, batch_size=batch_size)
+    # One stream per (seed, epoch), apart from epoch_permutation's: first the shards' order, then within each shard.
+    rng = np.random.default_rng([seed, epoch, 1])
+    starts = np.concatenate([[0], np.cumsum(shard_sizes)[:-1]]).astype(np.int64)
+    order = np.concatenate([starts[j] + rng.permutation(shard_sizes[j]) for j in rng.permutation(len(shard_sizes))])
+    per_rank = batches * batch_size
+    return order[rank * per_rank:(rank + 1) * per_rank]
+
+
+def eval_shard(num_samples: int, *, rank: int, world_size: int, contiguous: bool = False) -> np.ndarray:
     """Indices rank `rank` evaluates; may be empty when there are more ranks than samples."""
     check_rank(rank, world_size)
+    if contiguous:  # a sharded split: each rank reads its own run of shards
+        return np.array_split(np.arange(num_samples), world_size)[rank]
     return np.arange(rank, num_samples, world_size)
 
 

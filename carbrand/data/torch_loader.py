@@ -23,10 +23,11 @@ from torchvision.transforms.v2 import functional as F
 
 from carbrand.config import DataConfig
 from carbrand.data.augment_policies import apply_seeded, torchvision_augment
-from carbrand.data.images import Normalizer, hwc_tensor, load_rgb
-from carbrand.data.loader_base import EvalLoader, TrainLoader
+from carbrand.data.images import Normalizer, hwc_tensor
+from carbrand.data.loader_base import EvalLoader, TrainLoader, shard_sizes
 from carbrand.data.manifest import Sample
 from carbrand.data.preprocessing import TRAIN_ASPECT_RATIO, TRAIN_CROP_ATTEMPTS, eval_crop_box
+from carbrand.data.shard_reader import ShardFiles, load_sample_rgb
 from carbrand.errors import CarbrandError
 
 
@@ -60,6 +61,7 @@ class TrainDataset(Dataset):
     def __init__(self, samples: Sequence[Sample], data: DataConfig):
         self.samples, self.image_size, self.crop_scale_min = samples, data.image_size, data.crop_scale_min
         self.max_pixels = data.max_pixels
+        self.shard_files = ShardFiles()  # a sharded split's open shards, per worker process
         self.augment = torchvision_augment(data.augment, ops=data.randaugment_ops, magnitude=data.randaugment_magnitude)
 
     def __len__(self) -> int:
@@ -68,7 +70,7 @@ class TrainDataset(Dataset):
     def __getitem__(self, key: tuple[int, tuple[int, ...]]) -> tuple[torch.Tensor, int]:
         index, entropy = key
         sample = self.samples[index]
-        image = load_rgb(sample.path, self.max_pixels)
+        image = load_sample_rgb(sample, self.max_pixels, self.shard_files)
         rng = np.random.default_rng(entropy)
         top, left, h, w = random_resized_crop_box(image.width, image.height, self.crop_scale_min, rng)
         image = F.resized_crop(image, top, left, h, w, [self.image_size, self.image_size],
@@ -95,13 +97,14 @@ class EvalDataset(Dataset):
 
     def __init__(self, samples: Sequence[Sample], image_size: int, crop_fraction: float, max_pixels: int = 0):
         self.samples, self.image_size, self.crop_fraction, self.max_pixels = samples, image_size, crop_fraction, max_pixels
+        self.shard_files = ShardFiles()  # a sharded split's open shards, per worker process
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         sample = self.samples[index]
-        return eval_transform(load_rgb(sample.path, self.max_pixels), self.image_size, self.crop_fraction), sample.label, index
+        return eval_transform(load_sample_rgb(sample, self.max_pixels, self.shard_files), self.image_size, self.crop_fraction), sample.label, index
 
 
 class TrainSampler(Sampler):
@@ -148,7 +151,8 @@ def worker_errors_in_one_line(batches: Iterator) -> Iterator:
 class TorchTrainLoader(TrainLoader):
     def __init__(self, data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int, seed: int,
                  device: torch.device, dtype: torch.dtype, channels_last: bool):
-        super().__init__(len(samples), rank=rank, world_size=world_size, seed=seed, batch_size=data.batch_size)
+        super().__init__(len(samples), rank=rank, world_size=world_size, seed=seed, batch_size=data.batch_size,
+                         shards=shard_sizes(samples))
         dataset = TrainDataset(samples, data)
         self._loader = DataLoader(dataset, sampler=TrainSampler(self), drop_last=True, **_loader_args(data, device))
         self._normalize = Normalizer(device, dtype, channels_last, mean=data.mean, std=data.std)
@@ -167,7 +171,8 @@ class TorchTrainLoader(TrainLoader):
 class TorchEvalLoader(EvalLoader):
     def __init__(self, data: DataConfig, samples: Sequence[Sample], *, rank: int, world_size: int,
                  device: torch.device, dtype: torch.dtype, channels_last: bool):
-        super().__init__(len(samples), rank=rank, world_size=world_size, batch_size=data.batch_size)
+        super().__init__(len(samples), rank=rank, world_size=world_size, batch_size=data.batch_size,
+                         sharded=shard_sizes(samples) is not None)
         dataset = EvalDataset(samples, data.eval_size, data.eval_crop_fraction, data.max_pixels)
         # A plain list of indices as the sampler: in order, no padding, last batch partial.
         self._loader = DataLoader(dataset, sampler=self.shard.tolist(), drop_last=False, **_loader_args(data, device))

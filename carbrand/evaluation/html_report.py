@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image
 
 from carbrand.data.images import load_rgb
+from carbrand.data.shard_reader import MemberBytes, ShardFiles
 from carbrand.inference.gradcam import Explanation, overlay
 
 Explainer = Callable[[Image.Image, int], Explanation]  # (photo, brand label) -> its Grad-CAM
@@ -64,14 +65,16 @@ def build_gallery(mistakes: list, classes: list[str], per_brand: int,
     by_brand: dict[str, list] = {}
     for sample in mistakes:
         by_brand.setdefault(sample.true_brand, []).append(sample)
-    gallery = []
+    gallery, shards = [], ShardFiles()
     for brand in sorted(by_brand, key=lambda b: (-len(by_brand[b]), b)):
         entry = GalleryBrand(brand, len(by_brand[brand]))
         for sample in by_brand[brand][:per_brand]:
             r = sample.record
             item = GalleryItem(sample.path, brand, classes[r.predicted], r.confidence, r.calibrated_confidence)
             try:
-                photo = load_rgb(Path(sample.path), max_pixels)
+                # a sharded dataset's photo is read from its shard: the source files need not be on this host
+                photo = load_rgb(MemberBytes(shards.read(sample.member), sample.member) if sample.member else Path(sample.path),
+                                 max_pixels)
                 if explain is not None:
                     item.overlay = jpeg(overlay(photo, explain(photo, r.predicted), max_side=THUMBNAIL_SIDE))
                 photo.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
@@ -80,6 +83,7 @@ def build_gallery(mistakes: list, classes: list[str], per_brand: int,
                 item.error = f"{type(error).__name__}: {error}".splitlines()[0][:200]
             entry.items.append(item)
         gallery.append(entry)
+    shards.close()
     return gallery
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from carbrand import metrics as M
+from carbrand.data.shard_format import Member
 from carbrand.errors import CarbrandError
 from carbrand.evaluation.calibration_report import format_summary_lines, plot_reliability
 from carbrand.evaluation.html_report import wandb_gallery_rows, write_report
@@ -62,6 +63,7 @@ class ScoredSample:
     target: int  # model label of the true brand, -1 when the model does not know the brand
     record: SampleRecord
     rejected: bool = False  # answered "unknown": calibrated confidence below --min-confidence
+    member: Member | None = None  # where the photo lies in a shard (a sharded dataset): the gallery reads it there
 
 
 def build_metrics(scored: list[ScoredSample], classes: list[str], top_k: int) -> tuple[dict[str, Any], torch.Tensor]:
