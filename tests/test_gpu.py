@@ -1,6 +1,6 @@
 """GPU-only checks (`pytest -m gpu` on a CUDA host; deselected elsewhere): the trainer and
 evaluator end to end with DALI's GPU decoder, bf16 and fp16 (grad scaler), channels-last;
-fp16 steps the grad scaler skips, with the fused CUDA optimizer."""
+fp16 steps the grad scaler skips, with the fused CUDA optimizer; a timm backbone with the precision auto picks."""
 
 from __future__ import annotations
 
@@ -43,6 +43,26 @@ def test_gpu_training_with_dali_gpu_decode_then_evaluate(prepared_cars5, tmp_pat
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert all(r["train/gpu_memory_gb"] > 0 for r in records if "train/loss" in r)
+    out = tmp_path / "evaluation"
+    evaluated = subprocess.run([sys.executable, "-m", "carbrand.evaluate", "--checkpoint", str(run_dir / "best"),
+                                "--data", str(prepared_cars5), "--decode", "gpu", "--loader", "dali", "--out", str(out)],
+                               capture_output=True, text=True, env=subprocess_environment(), timeout=600)
+    assert_ok(evaluated)
+    assert json.loads((out / "metrics.json").read_text())["samples"] == 100
+
+
+def test_timm_efficientnet_trains_in_the_precision_auto_picks_then_evaluates_at_a_higher_resolution(prepared_cars5,
+                                                                                                   tmp_path):
+    """The fine-tuning recipe's backbone (timm, depthwise convolutions, SiLU) under AMP, channels-last and EMA on the
+    GPU, with precision auto: bf16 on a GPU with native bf16 (compute capability 8.0 on), fp16 with a scaler below."""
+    run_dir = tmp_path / "run"
+    done = run_training(prepared_cars5, run_dir, *GPU_RUN, "train.precision=auto", "model.arch=tf_efficientnet_lite0",
+                        "model.pretrained=none", "train.ema_decay=0.9", "data.image_size=160", "data.eval_image_size=192")
+    assert_ok(done)
+    expected = "bf16 (auto: GPU with bf16)" if torch.cuda.get_device_capability()[0] >= 8 else "fp16 (auto: GPU without bf16)"
+    assert f"precision {expected}" in done.stdout, done.stdout[-2000:]
+    losses = [r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     out = tmp_path / "evaluation"
     evaluated = subprocess.run([sys.executable, "-m", "carbrand.evaluate", "--checkpoint", str(run_dir / "best"),
                                 "--data", str(prepared_cars5), "--decode", "gpu", "--loader", "dali", "--out", str(out)],
