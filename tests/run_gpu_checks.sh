@@ -48,6 +48,9 @@ end_leftovers() {
   fi
   return 0
 }
+# A GPU host often runs a bare checkout (no `pip install -e .`): the trainer the GPU tests start as a script
+# (python carbrand/train.py) must still import carbrand, so every process gets the checkout on its path.
+export PYTHONPATH="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 [[ ${BASH_SOURCE[0]} == "$0" ]] || return 0  # sourced (tests/test_bench.py checks `step`): the helpers only
 
 cd "$(dirname "$0")/.."

@@ -241,3 +241,17 @@ def test_gpu_checks_go_on_after_a_failed_step_then_exit_1_naming_it(tmp_path):
     passing = subprocess.run(["bash", "-c", "source tests/run_gpu_checks.sh && step 20 true && report_failed_steps"],
                              capture_output=True, text=True, cwd=REPO, timeout=60)
     assert passing.returncode == 0, passing.stderr
+
+
+def test_gpu_checks_import_the_checkout_where_carbrand_is_not_installed(tmp_path):
+    """A bare GPU host (carbrand not pip-installed): the trainer started as a script, as the GPU tests start it, must
+    import carbrand. Here a sitecustomize takes away this machine's editable install to make such a host."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nsys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in getattr(f, '__name__', '')]\n")
+    bare = dict(os.environ, PYTHONPATH=str(tmp_path))
+    script = f"{sys.executable} carbrand/train.py --help"
+    without = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=REPO, env=bare, timeout=120)
+    assert "No module named 'carbrand'" in without.stderr, "the sitecustomize did not take the install away"
+    checks = subprocess.run(["bash", "-c", f"source tests/run_gpu_checks.sh && {script}"], capture_output=True,
+                            text=True, cwd=REPO, env=bare, timeout=120)
+    assert checks.returncode == 0 and "--config" in checks.stdout, checks.stderr[-2000:]
