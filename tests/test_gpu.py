@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,15 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 GPU_RUN = ("data.loader=dali", "data.decode=gpu", "train.channels_last=true", "train.max_steps=12",
            "train.log_every=4", "train.eval_every_steps=12", "data.batch_size=32")
+
+
+def assert_evaluates_every_test_photo_on_the_gpu(best: Path, prepared: Path, out: Path) -> None:
+    """`carbrand evaluate` with DALI's GPU decoder scores all 100 cars5 test photos."""
+    evaluated = subprocess.run([sys.executable, "-m", "carbrand.evaluate", "--checkpoint", str(best), "--data",
+                                str(prepared), "--decode", "gpu", "--loader", "dali", "--out", str(out)],
+                               capture_output=True, text=True, env=subprocess_environment(), timeout=600, check=False)
+    assert_ok(evaluated)
+    assert json.loads((out / "metrics.json").read_text())["samples"] == 100
 
 
 def test_gpu_training_with_gpu_augmentation_and_mixing(prepared_cars5, tmp_path):
@@ -43,12 +53,7 @@ def test_gpu_training_with_dali_gpu_decode_then_evaluate(prepared_cars5, tmp_pat
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert all(r["train/gpu_memory_gb"] > 0 for r in records if "train/loss" in r)
-    out = tmp_path / "evaluation"
-    evaluated = subprocess.run([sys.executable, "-m", "carbrand.evaluate", "--checkpoint", str(run_dir / "best"),
-                                "--data", str(prepared_cars5), "--decode", "gpu", "--loader", "dali", "--out", str(out)],
-                               capture_output=True, text=True, env=subprocess_environment(), timeout=600)
-    assert_ok(evaluated)
-    assert json.loads((out / "metrics.json").read_text())["samples"] == 100
+    assert_evaluates_every_test_photo_on_the_gpu(run_dir / "best", prepared_cars5, tmp_path / "evaluation")
 
 
 def test_timm_efficientnet_trains_in_the_precision_auto_picks_then_evaluates_at_a_higher_resolution(prepared_cars5,
@@ -63,12 +68,7 @@ def test_timm_efficientnet_trains_in_the_precision_auto_picks_then_evaluates_at_
     assert f"precision {expected}" in done.stdout, done.stdout[-2000:]
     losses = [r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
-    out = tmp_path / "evaluation"
-    evaluated = subprocess.run([sys.executable, "-m", "carbrand.evaluate", "--checkpoint", str(run_dir / "best"),
-                                "--data", str(prepared_cars5), "--decode", "gpu", "--loader", "dali", "--out", str(out)],
-                               capture_output=True, text=True, env=subprocess_environment(), timeout=600)
-    assert_ok(evaluated)
-    assert json.loads((out / "metrics.json").read_text())["samples"] == 100
+    assert_evaluates_every_test_photo_on_the_gpu(run_dir / "best", prepared_cars5, tmp_path / "evaluation")
 
 
 def test_memory_loader_run_is_faster_than_nothing_and_counts_images(prepared_cars5, tmp_path):
