@@ -76,8 +76,10 @@ step 150 "${carbrand[@]}" bench train "${recipe[@]}" --precisions bf16 --out "$o
 # = 3 epochs of the 8,512-image set (so 3 epoch boundaries); bf16 eager here, fp16 and compiled further down
 step 150 "${carbrand[@]}" bench train "${recipe[@]}" data.augment=trivial --precisions bf16 --measure real,memory \
   --steps 100 --out "$out/bench_train_trivial.json"
-step 420 "${carbrand[@]}" bench train "${recipe[@]}" data.augment=trivial --precisions bf16,fp16 --compile off,on \
-  --measure real,memory --steps 100 --out "$out/bench_train_trivial_fp16_compiled.json"
+step 240 "${carbrand[@]}" bench train "${recipe[@]}" data.augment=trivial --precisions bf16 --compile on \
+  --measure real,memory --steps 100 --out "$out/bench_train_trivial_compiled.json"
+step 360 "${carbrand[@]}" bench train "${recipe[@]}" data.augment=trivial --precisions fp16 --compile off,on \
+  --measure real,memory --steps 100 --out "$out/bench_train_trivial_fp16.json"
 for load in 0 0.99; do
   step 60 "${carbrand[@]}" bench data --manifest "$set_1024" --backends dali-gpu --pipelines train --workers 16 \
     --batch-size 256 --batches 20 --warmup-batches 5 --hw-decoder-load $load --out "$out/bench_hw_decoder_$load.json"

@@ -23,13 +23,15 @@ GPU_RUN = ("data.loader=dali", "data.decode=gpu", "train.channels_last=true", "t
            "train.log_every=4", "train.eval_every_steps=12", "data.batch_size=32")
 
 
-def assert_evaluates_every_test_photo_on_the_gpu(best: Path, prepared: Path, out: Path) -> None:
-    """`carbrand evaluate` with DALI's GPU decoder scores all 100 cars5 test photos."""
+def assert_evaluates_every_test_photo_on_the_gpu(best: Path, prepared: Path, out: Path) -> dict:
+    """`carbrand evaluate` with DALI's GPU decoder scores all 100 cars5 test photos; its metrics.json."""
     evaluated = subprocess.run([sys.executable, "-m", "carbrand.evaluate", "--checkpoint", str(best), "--data",
                                 str(prepared), "--decode", "gpu", "--loader", "dali", "--out", str(out)],
                                capture_output=True, text=True, env=subprocess_environment(), timeout=600, check=False)
     assert_ok(evaluated)
-    assert json.loads((out / "metrics.json").read_text())["samples"] == 100
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["samples"] == 100
+    return metrics
 
 
 def test_gpu_training_with_gpu_augmentation_and_mixing(prepared_cars5, tmp_path):
@@ -68,7 +70,8 @@ def test_timm_efficientnet_trains_in_the_precision_auto_picks_then_evaluates_at_
     assert f"precision {expected}" in done.stdout, done.stdout[-2000:]
     losses = [r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
-    assert_evaluates_every_test_photo_on_the_gpu(run_dir / "best", prepared_cars5, tmp_path / "evaluation")
+    metrics = assert_evaluates_every_test_photo_on_the_gpu(run_dir / "best", prepared_cars5, tmp_path / "evaluation")
+    assert metrics["image_size"] == 192, "the export's evaluation resolution, not the training one"
 
 
 def test_memory_loader_run_is_faster_than_nothing_and_counts_images(prepared_cars5, tmp_path):
