@@ -20,6 +20,8 @@ import yaml
 
 from carbrand.errors import ConfigError
 
+TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # model.arch names torchvision builds
+
 
 @dataclass
 class DataConfig:
@@ -56,6 +58,8 @@ class ModelConfig:
     pretrained_key_map: str = "auto"  # PATH's naming: auto | none (the model's own) | efficientnet_pytorch
     freeze_backbone_epochs: int = 0  # head-only warm-up: the backbone's learning rate is 0 for the first N epochs
     freeze_batchnorm: bool = False  # BatchNorm keeps its pretrained running statistics (eval mode) while training
+    drop_rate: float = 0.0  # dropout before the classifier head (timm models)
+    drop_path_rate: float = 0.0  # stochastic depth: each residual block is skipped with up to this probability (timm models)
     compile: bool = False  # torch.compile the model (GPU: faster after warm-up)
     sync_batchnorm: bool = False  # SyncBatchNorm across ranks (small per-GPU batches)
 
@@ -317,6 +321,12 @@ def validate(config: Config) -> None:
     check(bool(m.arch), "model.arch", "must name a torchvision ResNet or a timm model")
     check(bool(m.pretrained), "model.pretrained", "must be imagenet, none or a file path")
     check(m.freeze_backbone_epochs >= 0, "model.freeze_backbone_epochs", "must be >= 0")
+    for key in ("model.drop_rate", "model.drop_path_rate"):
+        rate = getattr(m, key.split(".")[1])
+        check(0.0 <= rate < 1.0, key, "must be in [0, 1) (0 = off)")
+        # torchvision's ResNet has neither; timm's own ResNet-50 (timm/resnet50) has both
+        check(rate == 0.0 or m.arch not in TORCHVISION_ARCHS, key,
+              f"needs a timm model ({m.arch} is torchvision's; timm/{m.arch} is timm's)")
     check(o.lr > 0, "optim.lr", "must be > 0")
     check(o.lr_reference_batch >= 0, "optim.lr_reference_batch", "must be >= 0")
     check(0.0 <= o.momentum < 1.0, "optim.momentum", "must be in [0, 1)")

@@ -17,6 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
+from carbrand.config import TORCHVISION_ARCHS
 from carbrand.errors import CarbrandError, ConfigError, first_line
 from carbrand.weights import (
     check_state_fits,
@@ -27,19 +28,21 @@ from carbrand.weights import (
     strip_wrapper_prefixes,
 )
 
-TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 TIMM_PREFIX = "timm/"  # timm/resnet50: timm's ResNet-50 rather than torchvision's
 
 
-def build_model(arch: str, num_classes: int, pretrained: str = "none", key_map: str = "auto") -> nn.Module:
-    """`arch` with a `num_classes` head; backbone weights from `pretrained` (imagenet | none | PATH)."""
+def build_model(arch: str, num_classes: int, pretrained: str = "none", key_map: str = "auto",
+                drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> nn.Module:
+    """`arch` with a `num_classes` head; backbone weights from `pretrained` (imagenet | none | PATH). Dropout before the
+    head and stochastic depth (timm models only; config validation says so) act in training mode only."""
     if arch in TORCHVISION_ARCHS:
         model = getattr(torchvision.models, arch)(weights=None)
         if pretrained == "imagenet":
             model.load_state_dict(imagenet_state_dict(arch))
         model.fc = nn.Linear(model.fc.in_features, num_classes)
     else:
-        model = build_timm_model(timm_name(arch), num_classes, imagenet=pretrained == "imagenet")
+        model = build_timm_model(timm_name(arch), num_classes, imagenet=pretrained == "imagenet",
+                                 drop_rate=drop_rate, drop_path_rate=drop_path_rate)
     if pretrained not in ("imagenet", "none"):
         load_backbone_file(model, resolve_weights_path(pretrained), head_prefix(model), key_map)
     return model
@@ -62,15 +65,17 @@ def timm_name(arch: str) -> str:
     return name
 
 
-def build_timm_model(name: str, num_classes: int, imagenet: bool) -> nn.Module:
+def build_timm_model(name: str, num_classes: int, imagenet: bool, drop_rate: float = 0.0,
+                     drop_path_rate: float = 0.0) -> nn.Module:
     """timm's model; with `imagenet`, timm's pretrained weights (fetched by timm once per node into its cache)."""
     timm = load_timm()
+    options = dict(num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
     if not imagenet:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        model = timm.create_model(name, pretrained=False, **options)
     else:
         with node_local_main_first():  # the node's first process fetches into timm's cache; the others then read it there
             try:
-                model = timm.create_model(name, pretrained=True, num_classes=num_classes)
+                model = timm.create_model(name, pretrained=True, **options)
             except Exception as error:  # offline, no pretrained weights for this name, proxy: one line either way
                 raise CarbrandError(f"timm's ImageNet weights for {name} could not be loaded ({type(error).__name__}: "
                                     f"{first_line(error, 160)}); set HF_HUB_OFFLINE=1 with the weights in timm's cache, "

@@ -280,7 +280,8 @@ def set_up(config: Config, accelerator: Accelerator, run_lock: RunDirLock | None
     # Model and optimizer. Seeds: base + global rank, so no two ranks draw the same stream.
     set_seed(t.seed + rank)
     num_outputs = len(car_models) if car_models is not None else len(classes)
-    model = build_model(config.model.arch, num_outputs, config.model.pretrained, config.model.pretrained_key_map)
+    model = build_model(config.model.arch, num_outputs, config.model.pretrained, config.model.pretrained_key_map,
+                        drop_rate=config.model.drop_rate, drop_path_rate=config.model.drop_path_rate)
     if config.model.sync_batchnorm and world_size > 1:
         model = convert_sync_batchnorm(model)
     if t.channels_last:

@@ -75,6 +75,8 @@ def test_override_wins_over_file(tmp_path):
         ("data.mean=[0.5,0.5]", "data.mean"),
         ("data.std=[0.5,0.5,0]", "data.std"),
         ("optim.backbone_lr_scale=-1", "optim.backbone_lr_scale"),
+        ("model.drop_rate=1.0", "model.drop_rate"),
+        ("model.drop_path_rate=0.1", "model.drop_path_rate"),  # the default arch is torchvision's ResNet-50: it has none
         ("train.label_smoothing=1.0", "train.label_smoothing"),
         ("wandb.tags=notalist", "wandb.tags"),
         ("data=3", "data"),

@@ -1,7 +1,8 @@
 """A timm EfficientNet-Lite0 (tf_efficientnet_lite0) fine-tuned from the weights file goes through the product as a ResNet does.
 
 One short run of configs/cars5_finetune_cpu.yaml (cars5 at 64 px, evaluated at 96, a few steps, EMA on):
-the head-only warm-up leaves the backbone as loaded, frozen BatchNorm keeps ImageNet's running statistics,
+the recipe's dropout and drop path are in the model, the head-only warm-up leaves the backbone as
+loaded, frozen BatchNorm keeps ImageNet's running statistics,
 the backbone learns at optim.backbone_lr_scale of the head's rate; then evaluate (at the eval resolution),
 predict with a Grad-CAM overlay, an ONNX export whose contract carries the eval size and normalisation
 and whose logits match PyTorch's, and `carbrand serve` answering as predict does.
@@ -34,8 +35,9 @@ QUICK = ("data.image_size=64", "data.eval_image_size=96", "data.batch_size=32", 
 
 
 @pytest.fixture(scope="module")
-def finetuned(prepared_cars5, tmp_path_factory) -> tuple[Path, dict[int, dict[str, torch.Tensor]]]:
-    """(run directory, weights after steps 8 and 10): the head-only epoch ends at step 8."""
+def finetuned(prepared_cars5, tmp_path_factory) -> tuple[Path, dict[int, dict[str, torch.Tensor]], dict[str, float]]:
+    """(run directory, weights after steps 8 and 10, the trained model's dropout rates): the head-only epoch ends at
+    step 8."""
     from accelerate.state import AcceleratorState
 
     import carbrand.train as trainer
@@ -43,10 +45,15 @@ def finetuned(prepared_cars5, tmp_path_factory) -> tuple[Path, dict[int, dict[st
     run_dir = tmp_path_factory.mktemp("finetune") / "run"
     config = load_config(RECIPE, [f"data.manifest={prepared_cars5}", f"output.dir={run_dir}", *QUICK])
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    rates: dict[str, float] = {}
     finish_optimizer_step = trainer.finish_optimizer_step
 
     def recording_step(run) -> None:
         finish_optimizer_step(run)
+        model = run.unwrapped_model
+        rates["drop_rate"] = model.drop_rate
+        rates["drop_path_rate"] = max((b.drop_path.drop_prob for stage in model.blocks for b in stage
+                                       if hasattr(b.drop_path, "drop_prob")), default=0.0)
         if run.progress.step in (8, 10):
             snapshots[run.progress.step] = {k: v.detach().clone() for k, v in run.unwrapped_model.state_dict().items()}
 
@@ -59,11 +66,11 @@ def finetuned(prepared_cars5, tmp_path_factory) -> tuple[Path, dict[int, dict[st
     finally:
         AcceleratorState._reset_state(True)
         torch.set_num_threads(threads)
-    return run_dir, snapshots
+    return run_dir, snapshots, rates
 
 
 def test_head_only_warm_up_then_the_backbone_moves_with_batchnorm_frozen(finetuned):
-    run_dir, at = finetuned
+    run_dir, at, _ = finetuned
     source = read_state_dict(resolve_weights_path(load_config(RECIPE).model.pretrained))
     assert torch.equal(at[8]["conv_stem.weight"], source["_conv_stem.weight"]), "the backbone moved in the head-only epoch"
     assert not torch.equal(at[8]["classifier.weight"], at[10]["classifier.weight"])
@@ -76,6 +83,13 @@ def test_head_only_warm_up_then_the_backbone_moves_with_batchnorm_frozen(finetun
     assert [r["step"] for r in read_metrics(run_dir) if "val/accuracy" in r] == [8, 10]
 
 
+def test_the_recipes_dropout_and_drop_path_reach_the_model_that_trains(finetuned):
+    _, _, rates = finetuned
+    recipe = load_config(RECIPE).model
+    assert rates["drop_rate"] == recipe.drop_rate > 0
+    assert 0 < rates["drop_path_rate"] <= recipe.drop_path_rate  # timm raises the rate block by block up to the key's
+
+
 def test_the_backbone_learns_at_its_share_of_the_head_rate():
     schedule = Schedule(total_steps=100, warmup_steps=10, frozen_backbone_steps=20, min_lr_ratio=0.0, backbone_lr_scale=0.3)
     assert schedule.backbone_factor(19) == 0.0
@@ -84,7 +98,7 @@ def test_the_backbone_learns_at_its_share_of_the_head_rate():
 
 
 def test_evaluate_predict_and_export_take_the_fine_tuned_export(finetuned, prepared_cars5, cars5_dir, tmp_path):
-    run_dir, _ = finetuned
+    run_dir, _, _ = finetuned
     best = run_dir / "best"
     assert main(["evaluate", "--checkpoint", str(best), "--data", str(prepared_cars5), "--out", str(tmp_path / "eval")]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -117,7 +131,7 @@ def test_serve_answers_as_predict_does_with_the_fine_tuned_export(finetuned, car
     from carbrand.inference.predict import Predictor
     from tests.helpers.serving import serving
 
-    run_dir, _ = finetuned
+    run_dir, _, _ = finetuned
     photos = [sorted((cars5_dir / "test" / brand).iterdir())[0] for brand in ("ferrari", "mercedes")]
     expected = Predictor.from_checkpoint(run_dir / "best", device="cpu").predict(photos, topk=3)
     with serving(run_dir / "best", tmp_path) as server:

@@ -84,6 +84,25 @@ def test_an_unknown_architecture_names_the_key_and_where_names_come_from():
         build_model("vit_b_16", 5)  # torchvision's name; timm calls it vit_base_patch16_224
 
 
+def test_dropout_and_stochastic_depth_reach_a_timm_model_and_act_in_training_only():
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 64, 64)
+    plain = build_model("tf_efficientnet_lite0", 5).train()
+    dropping = build_model("tf_efficientnet_lite0", 5, drop_rate=0.3, drop_path_rate=0.2)
+    dropping.load_state_dict(plain.state_dict())
+    rates = [block.drop_path.drop_prob for stage in dropping.blocks for block in stage
+             if hasattr(block.drop_path, "drop_prob")]
+    assert dropping.drop_rate == 0.3 and rates and 0 < max(rates) <= 0.2
+    with torch.no_grad():
+        assert torch.equal(plain(images), plain(images)), "without the rates a training-mode pass is deterministic"
+        assert not torch.allclose(dropping(images), dropping(images)), "dropout / drop path never dropped anything"
+        dropping.eval()
+        plain.eval()
+        dropping.load_state_dict(plain.state_dict())  # the training passes moved each one's BatchNorm statistics
+        assert torch.equal(dropping(images), dropping(images))
+        torch.testing.assert_close(dropping(images), plain(images))  # evaluation: the same network
+
+
 def test_missing_weight_file(tmp_path):
     with pytest.raises(CarbrandError, match="not found"):
         build_model("resnet18", 5, pretrained=str(tmp_path / "nope.pt"))
