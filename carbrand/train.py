@@ -259,7 +259,7 @@ def set_up(config: Config, accelerator: Accelerator, run_lock: RunDirLock | None
     directory is touched: bad input writes nothing.
     """
     run_dir = Path(config.output.dir)
-    t, world_size, rank = config.train, accelerator.num_processes, accelerator.process_index
+    t, m, world_size, rank = config.train, config.model, accelerator.num_processes, accelerator.process_index
 
     # Data: every rank reads the same manifest; loaders shard by global rank.
     dataset = load_prepared(config.data.manifest)
@@ -280,8 +280,7 @@ def set_up(config: Config, accelerator: Accelerator, run_lock: RunDirLock | None
     # Model and optimizer. Seeds: base + global rank, so no two ranks draw the same stream.
     set_seed(t.seed + rank)
     num_outputs = len(car_models) if car_models is not None else len(classes)
-    model = build_model(config.model.arch, num_outputs, config.model.pretrained, config.model.pretrained_key_map,
-                        drop_rate=config.model.drop_rate, drop_path_rate=config.model.drop_path_rate)
+    model = build_model(m.arch, num_outputs, m.pretrained, m.pretrained_key_map, m.drop_rate, m.drop_path_rate)
     if config.model.sync_batchnorm and world_size > 1:
         model = convert_sync_batchnorm(model)
     if t.channels_last:
