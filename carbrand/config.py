@@ -35,7 +35,10 @@ class DataConfig:
     workers: int = 4  # DALI CPU threads, or DataLoader worker processes
     eval_crop_fraction: float = 0.875  # eval: resize short side to image_size / this, centre crop
     crop_scale_min: float = 0.08  # train: RandomResizedCrop smallest area fraction
-    hw_decoder_load: float = 0.65  # DALI mixed decoder: share of images sent to the HW JPEG decoder
+    # DALI mixed decoder: share of JPEGs sent to the hardware decoder; the rest decode on the SMs and the CPU
+    # (hybrid). 0.99, not DALI's 0.65: on an H200 training ran 9 % faster with 1/7 of the host memory
+    # (docs/BENCHMARKS.md, 2026-12-04). A GPU without the hardware decoder decodes everything the other way.
+    hw_decoder_load: float = 0.99
     prefetch: int = 2  # DALI prefetch queue depth (batches)
     augment: str = "none"  # train: none | trivial (TrivialAugmentWide) | randaugment | autoaugment (ImageNet policy)
     randaugment_ops: int = 2  # randaugment: operations applied per image (N)

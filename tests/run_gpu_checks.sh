@@ -6,7 +6,10 @@
 # torch.compile, EfficientNet-Lite0). A lease of about 10 minutes gets through the training
 # benchmarks; each step has a time limit, so a slow step cannot starve the others, and each
 # writes its own file, so what ran is kept when the lease ends the script part way.
-#   bash tests/run_gpu_checks.sh OUT_DIR
+#   bash tests/run_gpu_checks.sh OUT_DIR [NAME ...]
+# NAMEs pick steps (default: all); they run in this order: tests loaders bf16 trivial trivial-hw-decoder
+# trivial-compiled efficientnet precisions nchw hw-decoder epochs trivial-fp16 compile loaders-all.
+# A short lease names only the ones docs/BENCHMARKS.md still lacks.
 # Writes OUT_DIR/gpu.txt, gpu_tests.log and bench_*.json; the figures go into
 # docs/BENCHMARKS.md with the card's name from gpu.txt. Exits non-zero when anything failed: a step
 # that fails lets the later steps run, then the script ends with the list of failed steps and exit 1.
@@ -15,6 +18,7 @@ set -euo pipefail
 carbrand=(python3 -m carbrand.cli)  # an array, not a function: `timeout` runs programs
 steps_started=0
 failed_steps=()
+wanted_steps=()
 
 # One step under its time limit; then nothing it started may live on (a leftover trainer holds the
 # GPU while the next step measures). At the limit `timeout` sends SIGTERM to the step's process
@@ -29,6 +33,13 @@ step() {
   end_leftovers "$tag"
   echo "== exit $status"
   (( status == 0 )) || failed_steps+=("$* (exit $status)")
+}
+# Whether the caller asked for the step NAME (no names asked: every step).
+wanted() {
+  (( ${#wanted_steps[@]} == 0 )) && return 0
+  local name
+  for name in "${wanted_steps[@]}"; do [[ $name == "$1" ]] && return 0; done
+  return 1
 }
 # At the end: exit 1, naming them, if any step failed.
 report_failed_steps() {
@@ -54,7 +65,13 @@ export PYTHONPATH="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)${PYTHONPATH:
 [[ ${BASH_SOURCE[0]} == "$0" ]] || return 0  # sourced (tests/test_bench.py checks `step`): the helpers only
 
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash tests/run_gpu_checks.sh OUT_DIR}
+cd "$(dirname "$0")/.."
+out=${1:?usage: bash tests/run_gpu_checks.sh OUT_DIR [NAME ...]}
+wanted_steps=("${@:2}")
+known_steps=" tests loaders bf16 trivial trivial-hw-decoder trivial-compiled efficientnet precisions nchw hw-decoder epochs trivial-fp16 compile loaders-all "
+for name in "${wanted_steps[@]}"; do
+  [[ $known_steps == *" $name "* ]] || { echo "tests/run_gpu_checks.sh: no step named '$name' (steps:$known_steps)" >&2; exit 2; }
+done
 mkdir -p "$out"
 # without a GPU every step would train ResNet-50 on the CPU until its time limit, measuring nothing
 nvidia-smi -L | tee "$out/gpu.txt" || { echo "tests/run_gpu_checks.sh: no GPU here (nvidia-smi -L failed)" >&2; exit 1; }
@@ -62,40 +79,55 @@ nvidia-smi -L | tee "$out/gpu.txt" || { echo "tests/run_gpu_checks.sh: no GPU he
 shared_data=${CARBRAND_TEST_DATA:-../shared/data}  # the real test photos, found as tests/helpers/paths.py finds them
 prepared=data/cars5/prepared  # the cars5 photos; realistic sets are re-encoded from them
 [ -f "$prepared/manifest.json" ] || "${carbrand[@]}" prepare "$shared_data/cars5" --out "$prepared"
-# The GPU tests first: correctness before speed
-step 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_loaders.py tests/test_shards.py > "$out/gpu_tests.log" 2>&1; tail -5 "$out/gpu_tests.log"
-# Loaders: photos re-encoded at 1024x768, 32 copies (8,512 train images, Stanford Cars' size), DALI GPU decode
-# (the 16-core figures of DALI CPU decode and torchvision are in docs/BENCHMARKS.md; the last step re-measures them)
+# Photos re-encoded at 1024x768, 32 copies (8,512 train images, Stanford Cars' size): the first step
+# that reads them makes them
 set_1024=runs/bench/cars5-1024x768-x32
-step 90 "${carbrand[@]}" bench data --manifest "$prepared" --photo-size 1024x768 --copies 32 --backends dali-gpu \
-  --workers 16 --batch-size 256 --batches 20 --warmup-batches 5 --out "$out/bench_data.json"
-# ResNet-50 at 224, batch 256, bf16, channels-last: DALI-gpu loader vs in-memory batch vs bare loop
+python3 -c "import sys; from pathlib import Path; from carbrand.bench.photo_set import build_photo_set
+build_photo_set(Path(sys.argv[1]), Path(sys.argv[2]), (1024, 768), 32)" "$prepared" "$set_1024"
+# ResNet-50 at 224, batch 256, channels-last, on that set
 recipe=(--config configs/stanford_cars.yaml "data.manifest=$set_1024" data.batch_size=256 data.workers=16)
-step 150 "${carbrand[@]}" bench train "${recipe[@]}" --precisions bf16 --out "$out/bench_train_bf16.json"
+
+# The GPU tests first: correctness before speed
+wanted tests && { step 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_loaders.py \
+  tests/test_shards.py > "$out/gpu_tests.log" 2>&1; tail -5 "$out/gpu_tests.log"; }
+# Loaders: DALI GPU decode (the 16-core figures of DALI CPU decode and torchvision: loaders-all)
+wanted loaders && step 90 "${carbrand[@]}" bench data --manifest "$set_1024" --backends dali-gpu \
+  --workers 16 --batch-size 256 --batches 20 --warmup-batches 5 --out "$out/bench_data.json"
+# bf16: DALI-gpu loader vs in-memory batch vs bare loop
+wanted bf16 && step 150 "${carbrand[@]}" bench train "${recipe[@]}" --precisions bf16 --out "$out/bench_train_bf16.json"
 # The augmentation goal: the real loader with GPU TrivialAugment at >= 0.95x the in-memory rate, over 100 steps
 # = 3 epochs of the 8,512-image set (so 3 epoch boundaries); bf16 eager here, fp16 and compiled further down
-step 150 "${carbrand[@]}" bench train "${recipe[@]}" data.augment=trivial --precisions bf16 --measure real,memory \
-  --steps 100 --out "$out/bench_train_trivial.json"
-step 240 "${carbrand[@]}" bench train "${recipe[@]}" data.augment=trivial --precisions bf16 --compile on \
-  --measure real,memory --steps 100 --out "$out/bench_train_trivial_compiled.json"
-step 360 "${carbrand[@]}" bench train "${recipe[@]}" data.augment=trivial --precisions fp16 --compile off,on \
-  --measure real,memory --steps 100 --out "$out/bench_train_trivial_fp16.json"
+# (overrides first: they are one positional list, options after them)
+trivial=(bench train "${recipe[@]}" data.augment=trivial)
+over_100_steps=(--measure real,memory --steps 100)
+wanted trivial && step 150 "${carbrand[@]}" "${trivial[@]}" "${over_100_steps[@]}" --precisions bf16 --out "$out/bench_train_trivial.json"
+# The same with every JPEG on the hardware decoder, so that decoding leaves the SMs to training
+wanted trivial-hw-decoder && step 150 "${carbrand[@]}" "${trivial[@]}" data.hw_decoder_load=0.99 "${over_100_steps[@]}" --precisions bf16 \
+  --out "$out/bench_train_trivial_hw_decoder.json"
+wanted trivial-compiled && step 240 "${carbrand[@]}" "${trivial[@]}" "${over_100_steps[@]}" --precisions bf16 --compile on \
+  --out "$out/bench_train_trivial_compiled.json"
+# The fine-tuning recipe's backbone (timm EfficientNet-Lite0) at the same batch, precision auto
+wanted efficientnet && step 150 "${carbrand[@]}" bench train "${recipe[@]}" model.arch=tf_efficientnet_lite0 \
+  model.pretrained=none --out "$out/bench_train_efficientnet_lite0.json"
+wanted precisions && step 150 "${carbrand[@]}" bench train "${recipe[@]}" --precisions no,fp16 --measure memory,bare \
+  --out "$out/bench_train_precisions.json"
+wanted nchw && step 60 "${carbrand[@]}" bench train "${recipe[@]}" --channels-last off --measure memory \
+  --out "$out/bench_train_nchw.json"
 for load in 0 0.99; do
-  step 60 "${carbrand[@]}" bench data --manifest "$set_1024" --backends dali-gpu --pipelines train --workers 16 \
-    --batch-size 256 --batches 20 --warmup-batches 5 --hw-decoder-load $load --out "$out/bench_hw_decoder_$load.json"
+  wanted hw-decoder && step 60 "${carbrand[@]}" bench data --manifest "$set_1024" --backends dali-gpu --pipelines train \
+    --workers 16 --batch-size 256 --batches 20 --warmup-batches 5 --hw-decoder-load $load --out "$out/bench_hw_decoder_$load.json"
 done
 # Epoch boundaries and what GPU augmentation costs: every batch of 3 epochs timed, augment none / trivial
 for augment in none trivial; do
-  step 90 "${carbrand[@]}" bench data --manifest "$set_1024" --backends dali-gpu --epochs 3 --augment $augment \
-    --workers 16 --batch-size 256 --out "$out/bench_epochs_$augment.json"
+  wanted epochs && step 90 "${carbrand[@]}" bench data --manifest "$set_1024" --backends dali-gpu --epochs 3 \
+    --augment $augment --workers 16 --batch-size 256 --out "$out/bench_epochs_$augment.json"
 done
-step 150 "${carbrand[@]}" bench train "${recipe[@]}" --precisions no,fp16 --measure memory,bare --out "$out/bench_train_precisions.json"
-step 60 "${carbrand[@]}" bench train "${recipe[@]}" --channels-last off --measure memory --out "$out/bench_train_nchw.json"
-step 300 "${carbrand[@]}" bench train "${recipe[@]}" --compile on --measure memory,bare --out "$out/bench_train_compile.json"
-# The fine-tuning recipe's backbone (timm EfficientNet-Lite0) at the same batch, precision auto
-step 150 "${carbrand[@]}" bench train "${recipe[@]}" model.arch=tf_efficientnet_lite0 model.pretrained=none \
-  --out "$out/bench_train_efficientnet_lite0.json"
+wanted trivial-fp16 && step 360 "${carbrand[@]}" "${trivial[@]}" "${over_100_steps[@]}" --precisions fp16 --compile off,on \
+  --out "$out/bench_train_trivial_fp16.json"
+wanted compile && step 300 "${carbrand[@]}" bench train "${recipe[@]}" --compile on --measure memory,bare \
+  --out "$out/bench_train_compile.json"
 # Every loader at both photo sizes (DALI CPU decode and torchvision on this host's cores)
-step 150 "${carbrand[@]}" bench data --manifest "$prepared" --photo-size 1024x768 --photo-size 500x375 --copies 32 \
-  --workers 16 --batch-size 256 --batches 20 --warmup-batches 5 --out "$out/bench_data_all.json"
+wanted loaders-all && step 150 "${carbrand[@]}" bench data --manifest "$prepared" --photo-size 1024x768 \
+  --photo-size 500x375 --copies 32 --workers 16 --batch-size 256 --batches 20 --warmup-batches 5 \
+  --out "$out/bench_data_all.json"
 report_failed_steps

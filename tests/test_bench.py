@@ -255,3 +255,18 @@ def test_gpu_checks_import_the_checkout_where_carbrand_is_not_installed(tmp_path
     checks = subprocess.run(["bash", "-c", f"source tests/run_gpu_checks.sh && {script}"], capture_output=True,
                             text=True, cwd=REPO, env=bare, timeout=120)
     assert checks.returncode == 0 and "--config" in checks.stdout, checks.stderr[-2000:]
+
+
+def test_gpu_checks_run_only_the_named_steps_and_refuse_an_unknown_name(tmp_path):
+    """A short lease names the steps it still lacks: only those run, and a misspelt name stops the script before any
+    step (and before it asks for a GPU) rather than silently measuring nothing."""
+    script = ("source tests/run_gpu_checks.sh && wanted_steps=(tests nchw) && "
+              "for name in tests nchw bf16 epochs; do wanted $name && echo run $name || echo skip $name; done && "
+              "wanted_steps=() && wanted bf16 && echo run all")
+    picked = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert picked.stdout.splitlines() == ["run tests", "run nchw", "skip bf16", "skip epochs", "run all"], picked.stderr
+    unknown = subprocess.run(["bash", "tests/run_gpu_checks.sh", str(tmp_path / "out"), "nchw", "epoch"],
+                             capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert unknown.returncode == 2
+    assert unknown.stderr.startswith("tests/run_gpu_checks.sh: no step named 'epoch'"), unknown.stderr
+    assert not (tmp_path / "out").exists(), "nothing may run before the names are checked"
