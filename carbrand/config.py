@@ -20,6 +20,7 @@ import yaml
 
 from carbrand.errors import ConfigError
 
+MAX_EVAL_CROPS = 8  # each crop is one more forward pass per photo
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # model.arch names torchvision builds
 
 
@@ -34,6 +35,9 @@ class DataConfig:
     batch_size: int = 64  # per process; global batch = batch_size * world_size * grad_accum
     workers: int = 4  # DALI CPU threads, or DataLoader worker processes
     eval_crop_fraction: float = 0.875  # eval: resize short side to image_size / this, centre crop
+    # eval, predict, serve: crops along the photo's longer side whose probabilities are averaged (1 = the centre
+    # crop; 3 = start, centre and end, for wide photos whose car is not in the middle: preprocessing.eval_crop_boxes)
+    eval_crops: int = 1
     crop_scale_min: float = 0.08  # train: RandomResizedCrop smallest area fraction
     # DALI mixed decoder: share of JPEGs sent to the hardware decoder; the rest decode on the SMs and the CPU
     # (hybrid). 0.99, not DALI's 0.65: on an H200 training ran 9 % faster with 1/7 of the host memory
@@ -315,6 +319,7 @@ def validate(config: Config) -> None:
     check(d.batch_size >= 1, "data.batch_size", "must be a positive integer")
     check(d.workers >= 0, "data.workers", "must be >= 0")
     check(0.0 < d.eval_crop_fraction <= 1.0, "data.eval_crop_fraction", "must be in (0, 1]")
+    check(1 <= d.eval_crops <= MAX_EVAL_CROPS, "data.eval_crops", f"must be in 1..{MAX_EVAL_CROPS}")
     check(0.0 < d.crop_scale_min <= 1.0, "data.crop_scale_min", "must be in (0, 1]")
     check(0.0 <= d.hw_decoder_load <= 1.0, "data.hw_decoder_load", "must be in [0, 1]")
     check(d.prefetch >= 1, "data.prefetch", "must be >= 1")

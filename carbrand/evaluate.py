@@ -61,7 +61,7 @@ from carbrand.evaluation import calibration_report, report
 from carbrand.evaluation.html_report import Explainer, build_gallery
 from carbrand.evaluation.report import SampleRecord, check_output_directory, default_out_dir
 from carbrand.inference.calibration import calibrated_probabilities, load_calibration, resolve_min_confidence
-from carbrand.inference.classifier import PRECISIONS, inference_precision, place_model, predict_batches
+from carbrand.inference.classifier import PRECISIONS, add_crops_argument, inference_precision, place_model, predict_batches, with_eval_crops
 from carbrand.inference.gradcam import explain
 from carbrand.precision import input_dtype
 from carbrand.prepare.command import prepare_dataset
@@ -85,6 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="autocast dtype (default: auto = the training precision on a GPU, fp32 on the CPU)")
     parser.add_argument("--topk", type=int, default=5, help="k of top-k accuracy (default: 5, capped at the number of brands)")
     parser.add_argument("--tta-flip", action="store_true", help="average the softmax of each image and its mirror image")
+    add_crops_argument(parser)
     parser.add_argument("--unknown-brands", choices=UNKNOWN_BRAND_MODES, default="error",
                         help="a split brand the model does not know: error (default) or report its images apart, outside the metrics")
     parser.add_argument("--min-confidence", default=None, metavar="auto|P",
@@ -187,6 +188,7 @@ class Setup:
     decode: str
     precision: str
     tta_flip: bool
+    eval_crops: int  # crops along each photo's longer side, probabilities averaged
     batch_size: int
     arch: str
     image_size: int
@@ -241,7 +243,8 @@ def run(args: argparse.Namespace) -> int:
 
         overrides = {key: value for key, value in (("batch_size", args.batch_size), ("workers", args.workers),
                                                     ("loader", args.loader), ("decode", args.decode)) if value is not None}
-        data_config = dataclasses.replace(export.config.data, manifest=str(args.data), max_pixels=opened.max_pixels, **overrides)
+        config = export.config if args.crops is None else with_eval_crops(export.config, args.crops)
+        data_config = dataclasses.replace(config.data, manifest=str(args.data), max_pixels=opened.max_pixels, **overrides)
         device = accelerator.device
         backend = resolve_backend(data_config, device)  # once: one notice, one answer
         precision = inference_precision(args.precision, export.config.train.precision, device)
@@ -258,7 +261,8 @@ def run(args: argparse.Namespace) -> int:
         if accelerator.is_main_process:
             setup = Setup(data_kind=opened.kind, split=args.split, split_samples=len(samples),
                           world_size=accelerator.num_processes, loader=backend.loader, decode=backend.decode,
-                          precision=precision, tta_flip=args.tta_flip, batch_size=data_config.batch_size,
+                          precision=precision, tta_flip=args.tta_flip, eval_crops=data_config.eval_crops,
+                          batch_size=data_config.batch_size,
                           arch=export.config.model.arch, image_size=data_config.eval_size)
             evaluation = Evaluation(export=export, data=args.data, samples=samples, targets=targets, records=gathered,
                                     top_k=top_k, setup=setup, confidence=confidence, started=started)

@@ -66,6 +66,7 @@ from carbrand.data.manifest import PreparedDataset, Sample, load_prepared, read_
 from carbrand.errors import CarbrandError, ConfigError, DataError, first_line
 from carbrand.evaluation.calibrate import calibrate_run
 from carbrand.filesystem import check_run_dir_writable
+from carbrand.inference.classifier import average_crops, crop_batch
 from carbrand.metrics import confusion_matrix, summarize
 from carbrand.model import BrandsFromCarModels, build_model, convert_sync_batchnorm, load_classifier_state
 from carbrand.precision import PrecisionChoice, choose_precision, cpu_bf16_warning, input_dtype
@@ -519,9 +520,11 @@ def validate(run: Run) -> dict[str, float]:
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     with accelerator.autocast():
         for images, labels, _ in run.val_loader:
+            images, crops = crop_batch(images)  # data.eval_crops: validation scores what evaluate will
             logits = model(images).float()
             if run.to_brands is not None:
                 logits = run.to_brands(logits)
+            logits = average_crops(logits, crops)
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             confusion += confusion_matrix(logits.argmax(dim=1), labels, num_classes)
     if was_training:

@@ -72,6 +72,8 @@ def test_override_wins_over_file(tmp_path):
         ("model.arch=", "model.arch"),
         ("model.pretrained_key_map=lukemelas", "model.pretrained_key_map"),
         ("data.eval_image_size=16", "data.eval_image_size"),
+        ("data.eval_crops=0", "data.eval_crops"),
+        ("data.eval_crops=9", "data.eval_crops"),
         ("data.mean=[0.5,0.5]", "data.mean"),
         ("data.std=[0.5,0.5,0]", "data.std"),
         ("optim.backbone_lr_scale=-1", "optim.backbone_lr_scale"),

@@ -237,6 +237,36 @@ def test_unknown_brand_is_an_error_or_reported_apart(fitted_export, cars5_dir, t
     assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run was written"
 
 
+def test_crops_along_the_longer_side_average_their_probabilities_in_evaluate_and_predict(fitted_export, cars5_dir,
+                                                                                        tmp_path, capsys):
+    """--crops 3: each photo's probabilities are the mean over its start, centre and end crops, from forward passes
+    made here; predict --crops 3 answers the same, metrics.json says how the split was scored, and a bad count is
+    one line naming the option."""
+    from carbrand.inference.predict import Predictor
+
+    raw = copy_photos(cars5_dir, tmp_path / "raw", {b: ("test", b, 2) for b in CARS5})
+    out = tmp_path / "out"
+    assert evaluate_in_process("--checkpoint", fitted_export, "--data", raw, "--out", out, "--crops", "3",
+                               "--loader", "torchvision", "--gallery", "0", "--wandb-mode", "disabled") == 0
+    metrics, rows = read_outputs(out)
+    assert metrics["eval_crops"] == 3 and metrics["samples"] == 10
+    paths = [Path(r["path"]) for r in rows]
+    expected = reference_probabilities(fitted_export, paths, crops=3)
+    for row, want in zip(rows, expected, strict=True):
+        top = want.topk(len(CARS5))
+        assert json.loads(row["topk_brands"]) == [CARS5[i] for i in top.indices.tolist()], row
+        assert json.loads(row["topk_probabilities"]) == pytest.approx(top.values.tolist(), abs=1e-4), row
+    centre_only = reference_probabilities(fitted_export, paths)
+    assert (expected - centre_only).abs().max() > 0.01, "the crops change nothing: the check would prove nothing"
+    predictions = Predictor.from_checkpoint(fitted_export, device="cpu", crops=3).predict(paths, topk=1)
+    assert [p.probability for p in predictions] == pytest.approx(expected.max(dim=1).values.tolist(), abs=1e-4)
+
+    assert evaluate_in_process("--checkpoint", fitted_export, "--data", raw, "--out", tmp_path / "bad", "--crops", "0") == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "--crops must be in 1..8; got 0" in error, error
+    assert not (tmp_path / "bad").exists()
+
+
 def test_two_processes_verify_a_raw_folder_once_and_count_every_image_once(fitted_export, cars5_dir, tmp_path):
     """The main process prepares the raw folder; the other receives the list (no shared /tmp needed).
 

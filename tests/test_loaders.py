@@ -75,17 +75,29 @@ def rotated_copy_with_exif(source: Path, target: Path) -> None:
 # --- evaluation --------------------------------------------------------------------------------
 
 
-def test_dali_and_torchvision_eval_agree_on_real_photos(cars5, tmp_path):
+@pytest.mark.parametrize("crops", [1, 3])
+def test_dali_and_torchvision_eval_agree_on_real_photos(cars5, tmp_path, crops):
+    """Also with 3 crops along the longer side (data.eval_crops): the same boxes, start to end, in both loaders."""
     samples = read_split(cars5 / "test")[::4]  # 25 photos of all five brands
     # One photo whose pixels are stored rotated with an EXIF orientation tag: both paths
     # must turn it upright (DALI adjust_orientation, PIL exif_transpose).
     rotated = tmp_path / "rotated.jpg"
     rotated_copy_with_exif(samples[0].path, rotated)
     samples.append(dataclasses.replace(samples[0], path=rotated))
-    dali, dali_order = eval_images(eval_loader(config("dali"), samples))
-    torchvision, tv_order = eval_images(eval_loader(config("torchvision"), samples))
+    dali, dali_order = eval_images(eval_loader(config("dali", eval_crops=crops), samples))
+    torchvision, tv_order = eval_images(eval_loader(config("torchvision", eval_crops=crops), samples))
     assert dali_order == tv_order == list(range(len(samples)))
-    assert dali.shape == torchvision.shape == (len(samples), 3, SIZE, SIZE)
+    if crops > 1:
+        assert dali.shape == torchvision.shape == (len(samples), crops, 3, SIZE, SIZE)
+        centre, _ = eval_images(eval_loader(config("torchvision"), samples))
+        assert torch.equal(torchvision[:, crops // 2], centre), "the middle crop is not the centre crop"
+        # the end crops of a landscape photo see other parts of it (a square photo's crops are all one)
+        sizes = [Image.open(sample.path).size for sample in samples]
+        wide = [index for index, (width, height) in enumerate(sizes) if width > 1.2 * height]
+        assert len(wide) > len(samples) // 2
+        assert (torchvision[wide, 0] - torchvision[wide, -1]).abs().flatten(1).mean(1).min() > 0.05
+        dali, torchvision = dali.flatten(0, 1), torchvision.flatten(0, 1)
+    assert dali.shape == torchvision.shape == (len(samples) * crops, 3, SIZE, SIZE)
     # Measured: mean |diff| 0.002 per normalised pixel, correlation >= 0.99995 (both do one
     # antialiased bilinear resize of the same sub-pixel box; JPEG decoders agree exactly).
     # A one-pixel shift of the crop drops the correlation to about 0.9 on these photos.
@@ -94,8 +106,8 @@ def test_dali_and_torchvision_eval_agree_on_real_photos(cars5, tmp_path):
     for a, b in zip(dali, torchvision):
         assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.999
     # The rotated copy (re-encoded JPEG, so not bit-exact) looks like the upright original.
-    assert (dali[-1] - dali[0]).abs().mean() < 0.1
-    assert (torchvision[-1] - torchvision[0]).abs().mean() < 0.1
+    assert (dali[-crops:] - dali[:crops]).abs().mean() < 0.1
+    assert (torchvision[-crops:] - torchvision[:crops]).abs().mean() < 0.1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -54,7 +54,7 @@ def test_health_model_and_page(cars5_server):
     assert health.status == 200 and health.json()["status"] == "ok"
     model = client.get("/v1/model").json()
     assert model["brands"] == ["audi", "bmw", "ferrari", "lamborghini", "mercedes"]
-    assert model["architecture"] == "resnet18" and model["image_size"] == 32
+    assert model["architecture"] == "resnet18" and model["image_size"] == 32 and model["eval_crops"] == 1
     assert model["test_metrics"]["accuracy"] == 0.61 and model["test_metrics"]["samples"] == 100
     page = client.get("/")
     assert page.status == 200 and b'id="file-input"' in page.body
@@ -141,11 +141,30 @@ def test_concurrent_requests_share_forward_passes(cars5_server, photos):
     (["--checkpoint", "{tmp}", "--max-uploads-in-flight-mb", "10"], 2, "must be at least --max-upload-mb (20)"),
     (["--checkpoint", "{tmp}", "--client-timeout-s", "0"], 2, "--client-timeout-s must be positive"),
     (["--checkpoint", "{tmp}", "--min-upload-kb-per-s", "-1"], 2, "--min-upload-kb-per-s must be >= 0"),
+    (["--checkpoint", "{tmp}", "--crops", "0"], 2, "--crops must be in 1..8; got 0"),
 ])
 def test_serve_refuses_bad_arguments_in_one_line(arguments, code, text, tmp_path, capsys):
     assert main(["serve", *[a.format(tmp=tmp_path) for a in arguments]]) == code
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and text in error, error
+
+
+def test_serve_crops_reach_the_service_model(fitted_cars5_export, monkeypatch):
+    """`serve --crops 3`: every worker process (built from the settings in its environment) scores 3 crops a photo."""
+    import argparse
+    import asyncio
+
+    from carbrand.serve.app import app_from_environment
+    from carbrand.serve.command import add_arguments, settings_from_arguments
+    from carbrand.serve.settings import SETTINGS_VARIABLE
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = settings_from_arguments(parser.parse_args(["--checkpoint", str(fitted_cars5_export), "--crops", "3"]))
+    monkeypatch.setenv(SETTINGS_VARIABLE, settings.to_json())
+    app = app_from_environment()
+    model_info = next(route.endpoint for route in app.routes if getattr(route, "path", None) == "/v1/model")
+    assert asyncio.run(model_info())["eval_crops"] == 3
 
 
 def test_default_upload_limit_is_20_mb():

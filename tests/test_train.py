@@ -226,10 +226,12 @@ def probed(out, rank) -> tuple[dict[str, torch.Tensor], dict]:
 def test_ranks_end_bit_identical_and_best_reproduces_its_validation(prepared_cars5, tmp_path):
     """Each rank's BatchNorm statistics follow its own shard (DDP does not broadcast buffers): they must be
     made equal before validation, checkpoints and the export, the EMA's too. Each rank's whole state is read
-    here, not the trainer's verdict; then best/, evaluated alone, must score what the trainer logged for it."""
+    here, not the trainer's verdict; then best/, evaluated alone, must score what the trainer logged for it, both
+    averaging 3 crops along each photo's longer side (data.eval_crops)."""
     run_dir, out = tmp_path / "run", tmp_path / "probe"
     result = run_probe(prepared_cars5, run_dir, out, "train.epochs=1", "train.eval_every_steps=4", "train.ema_decay=0.5",
-                       "train.best_metric=accuracy")  # best/ chosen on val (the CPU recipe exports its final weights)
+                       "train.best_metric=accuracy",  # best/ chosen on val (the CPU recipe exports its final weights)
+                       "data.eval_crops=3")
     assert_ok(result)
     (rank0, _), (rank1, _) = probed(out, 0), probed(out, 1)
     assert sorted(rank0) == sorted(rank1)
@@ -245,7 +247,7 @@ def test_ranks_end_bit_identical_and_best_reproduces_its_validation(prepared_car
                                 capture_output=True, text=True, timeout=300, env=fault_environment(), cwd=REPO)
     assert_ok(evaluation)
     alone = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert alone["samples"] == best["val/samples"]
+    assert alone["samples"] == best["val/samples"] and alone["eval_crops"] == 3
     assert alone["accuracy"] == pytest.approx(best["val/accuracy"], abs=1e-9), (alone["accuracy"], best)
 
 

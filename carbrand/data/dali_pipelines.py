@@ -32,6 +32,7 @@ from carbrand.data.manifest import Sample
 from carbrand.data.preprocessing import (
     TRAIN_ASPECT_RATIO,
     TRAIN_CROP_ATTEMPTS,
+    eval_crop_positions,
     eval_crop_side_fraction,
     on_255_scale,
 )
@@ -130,17 +131,20 @@ def eval_pipeline(files: list[str] | ShardPieces, *, gpu: bool, data: DataConfig
     images = fn.decoders.image(jpegs, **_decoder_args(gpu, data.hw_decoder_load))
     # "Resize the shorter side to R, centre-crop S" done as one resize of the centred source
     # square (side = shorter * S / R) straight to S x S: the same exact, sub-pixel geometry
-    # as preprocessing.eval_crop_box (no rounding of the resized size or of the crop offset).
+    # as preprocessing.eval_crop_boxes (no rounding of the resized size or of the crop offset),
+    # once per crop along the longer side (data.eval_crops).
     shape = images.shape(dtype=types.FLOAT)  # H, W, C after EXIF rotation; always a CPU node
     height, width = shape[0], shape[1]
-    side = dali_math.min(height, width) * eval_crop_side_fraction(data.eval_size, data.eval_crop_fraction)
-    images = fn.resize(
-        images,
-        size=[data.eval_size, data.eval_size],
-        roi_start=fn.stack((height - side) * 0.5, (width - side) * 0.5),  # (y, x), like `size`
-        roi_end=fn.stack((height + side) * 0.5, (width + side) * 0.5),
-    )
-    images = _normalize(images, data, channels_last=channels_last, half=half)
+    shorter = dali_math.min(height, width)
+    side = shorter * eval_crop_side_fraction(data.eval_size, data.eval_crop_fraction)
+    crops = []
+    for position in eval_crop_positions(data.eval_crops):
+        top = (height - side) * 0.5 + (position - 0.5) * (height - shorter)
+        left = (width - side) * 0.5 + (position - 0.5) * (width - shorter)
+        crop = fn.resize(images, size=[data.eval_size, data.eval_size],
+                         roi_start=fn.stack(top, left), roi_end=fn.stack(top + side, left + side))  # (y, x), like `size`
+        crops.append(_normalize(crop, data, channels_last=channels_last, half=half))
+    images = crops[0] if len(crops) == 1 else fn.stack(*crops)  # several: K crops per sample, K first
     return images if positions is None else (images, positions)
 
 
@@ -157,8 +161,8 @@ class _Output:
 
     def images(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, dtype=self.dtype, non_blocking=True)
-        if self.channels_last:
-            images = images.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last, no copy
+        if self.channels_last:  # N(K)HWC storage seen as N(K)CHW: channels_last, no copy
+            images = images.movedim(-1, -3)
         return images
 
 

@@ -120,8 +120,10 @@ class Normalizer:
         self.inverse_std = (1.0 / torch.tensor(preprocessing.on_255_scale(std), device=device)).view(1, 3, 1, 1)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        images = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # channels_last view
+        """NHWC -> NCHW; several eval crops per image, NKHWC -> NKCHW (each crop an NCHW image in memory)."""
+        leading = batch.shape[:-3]
+        images = batch.to(self.device, non_blocking=True).flatten(0, -4).permute(0, 3, 1, 2)  # channels_last view
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         # Normalise in float32 (one conversion that also sets the layout), then one cast.
         images = images.to(torch.float32, memory_format=layout).sub_(self.mean).mul_(self.inverse_std)
-        return images.to(self.dtype)
+        return images.to(self.dtype).unflatten(0, leading)

@@ -38,14 +38,33 @@ def eval_crop_side_fraction(image_size: int, crop_fraction: float) -> float:
     return image_size / eval_resize_size(image_size, crop_fraction)
 
 
-def eval_crop_box(width: int, height: int, image_size: int, crop_fraction: float) -> tuple[float, float, float, float]:
-    """(left, top, right, bottom) of the source square the eval crop shows, in pixels.
+def eval_crop_positions(crops: int) -> list[float]:
+    """Where each eval crop sits along the image's longer side: 0 the start, 1 the end; one crop is centred."""
+    return [0.5] if crops == 1 else [k / (crops - 1) for k in range(crops)]
+
+
+def eval_crop_boxes(width: int, height: int, image_size: int, crop_fraction: float,
+                    crops: int = 1) -> list[tuple[float, float, float, float]]:
+    """(left, top, right, bottom) of the source square of each eval crop, in pixels.
 
     "Resize the shorter side to R, then centre-crop S" is exactly "resize this centred
-    square of side shorter * S / R to S x S". Computed in floating point, so PIL
+    square of side shorter * S / R to S x S". Several crops: that same crop of each of `crops`
+    squares of the full shorter side, spread evenly from one end of the longer side to the other
+    (left, centre and right of a landscape photo), so that a car away from the middle of a wide
+    street photo is still seen whole by one of them. Computed in floating point, so PIL
     (`Image.resize(box=...)`) and DALI (`fn.resize(roi_start, roi_end)`) see the same
     region and no implementation's rounding of sizes or offsets shifts the picture.
     """
-    side = min(width, height) * eval_crop_side_fraction(image_size, crop_fraction)
-    left, top = (width - side) / 2, (height - side) / 2
-    return left, top, left + side, top + side
+    shorter = min(width, height)
+    side = shorter * eval_crop_side_fraction(image_size, crop_fraction)
+    boxes = []
+    for position in eval_crop_positions(crops):
+        left = (width - side) / 2 + (position - 0.5) * (width - shorter)  # the shorter side's term is 0
+        top = (height - side) / 2 + (position - 0.5) * (height - shorter)
+        boxes.append((left, top, left + side, top + side))
+    return boxes
+
+
+def eval_crop_box(width: int, height: int, image_size: int, crop_fraction: float) -> tuple[float, float, float, float]:
+    """The centre crop's source square (eval_crop_boxes with one crop)."""
+    return eval_crop_boxes(width, height, image_size, crop_fraction)[0]

@@ -26,7 +26,7 @@ from carbrand.data.augment_policies import apply_seeded, torchvision_augment
 from carbrand.data.images import Normalizer, hwc_tensor
 from carbrand.data.loader_base import EvalLoader, TrainLoader, shard_sizes
 from carbrand.data.manifest import Sample
-from carbrand.data.preprocessing import TRAIN_ASPECT_RATIO, TRAIN_CROP_ATTEMPTS, eval_crop_box
+from carbrand.data.preprocessing import TRAIN_ASPECT_RATIO, TRAIN_CROP_ATTEMPTS, eval_crop_boxes
 from carbrand.data.shard_reader import ShardFiles, load_sample_rgb
 from carbrand.errors import CarbrandError
 
@@ -82,21 +82,25 @@ class TrainDataset(Dataset):
         return hwc_tensor(image), sample.label
 
 
-def eval_transform(image: Image.Image, image_size: int, crop_fraction: float) -> torch.Tensor:
-    """Centre crop for evaluation and prediction: uint8 HWC, image_size x image_size.
+def eval_transform(image: Image.Image, image_size: int, crop_fraction: float, crops: int = 1) -> torch.Tensor:
+    """The eval crop for evaluation and prediction: uint8 HWC, image_size x image_size; several
+    crops along the longer side (data.eval_crops > 1) stacked as uint8 KHWC.
 
-    One antialiased bilinear resize of the exact source box (see preprocessing.eval_crop_box),
-    the same geometry as the DALI eval pipeline.
+    One antialiased bilinear resize of the exact source box per crop (see
+    preprocessing.eval_crop_boxes), the same geometry as the DALI eval pipeline.
     """
-    box = eval_crop_box(image.width, image.height, image_size, crop_fraction)
-    return hwc_tensor(image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box))
+    boxes = eval_crop_boxes(image.width, image.height, image_size, crop_fraction, crops)
+    tiles = [hwc_tensor(image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box)) for box in boxes]
+    return tiles[0] if crops == 1 else torch.stack(tiles)
 
 
 class EvalDataset(Dataset):
     """Resize the shorter side to image_size / crop_fraction, centre-crop image_size."""
 
-    def __init__(self, samples: Sequence[Sample], image_size: int, crop_fraction: float, max_pixels: int = 0):
+    def __init__(self, samples: Sequence[Sample], image_size: int, crop_fraction: float, max_pixels: int = 0,
+                 crops: int = 1):
         self.samples, self.image_size, self.crop_fraction, self.max_pixels = samples, image_size, crop_fraction, max_pixels
+        self.crops = crops
         self.shard_files = ShardFiles()  # a sharded split's open shards, per worker process
 
     def __len__(self) -> int:
@@ -104,7 +108,8 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         sample = self.samples[index]
-        return eval_transform(load_sample_rgb(sample, self.max_pixels, self.shard_files), self.image_size, self.crop_fraction), sample.label, index
+        image = load_sample_rgb(sample, self.max_pixels, self.shard_files)
+        return eval_transform(image, self.image_size, self.crop_fraction, self.crops), sample.label, index
 
 
 class TrainSampler(Sampler):
@@ -173,7 +178,7 @@ class TorchEvalLoader(EvalLoader):
                  device: torch.device, dtype: torch.dtype, channels_last: bool):
         super().__init__(len(samples), rank=rank, world_size=world_size, batch_size=data.batch_size,
                          sharded=shard_sizes(samples) is not None)
-        dataset = EvalDataset(samples, data.eval_size, data.eval_crop_fraction, data.max_pixels)
+        dataset = EvalDataset(samples, data.eval_size, data.eval_crop_fraction, data.max_pixels, data.eval_crops)
         # A plain list of indices as the sampler: in order, no padding, last batch partial.
         self._loader = DataLoader(dataset, sampler=self.shard.tolist(), drop_last=False, **_loader_args(data, device))
         self._normalize = Normalizer(device, dtype, channels_last, mean=data.mean, std=data.std)

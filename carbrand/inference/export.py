@@ -127,6 +127,9 @@ def input_contract(export, format: str, has_calibration: bool) -> dict:
                 "shorter_side": eval_resize_size(data.eval_size, data.eval_crop_fraction),
                 "center_crop": data.eval_size,
                 "interpolation": "bilinear, antialiased (PIL Image.resize with the crop box; carbrand/data/torch_loader.py eval_transform)",
+                # data.eval_crops: 1 is the centre crop above; K > 1 crops that same crop at K places along the
+                # longer side and averages the K softmaxes (carbrand/data/preprocessing.py eval_crop_boxes)
+                "crops": data.eval_crops,
             },
             "normalisation": {"scale": "pixel / 255", "mean": list(data.mean), "std": list(data.std),
                               "formula": "(pixel / 255 - mean) / std, per channel"},

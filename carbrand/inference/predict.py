@@ -43,7 +43,7 @@ from carbrand.data.torch_loader import eval_transform
 from carbrand.errors import DataError, UsageError
 from carbrand.filesystem import write_bytes_atomically
 from carbrand.inference.calibration import Calibration, calibrated_probabilities, load_calibration, resolve_min_confidence
-from carbrand.inference.classifier import PRECISIONS, classify, inference_precision, place_model
+from carbrand.inference.classifier import PRECISIONS, add_crops_argument, classify, inference_precision, place_model, with_eval_crops
 from carbrand.inference.gradcam import Explanation, explain, overlay, png_bytes
 from carbrand.inference.overlays import write_overlays
 from carbrand.prepare.formats import IMAGE_EXTENSIONS
@@ -123,6 +123,7 @@ class Predictor:
         self.data = config.data
         self.image_size = config.data.eval_size  # the side of the eval crop (reported by serve)
         self.crop_fraction = config.data.eval_crop_fraction
+        self.crops = config.data.eval_crops  # crops along the longer side, probabilities averaged
         self.channels_last = config.train.channels_last
         self.precision = inference_precision(precision, config.train.precision, self.device)
         self.model = place_model(model, self.device, self.channels_last)
@@ -134,16 +135,18 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device: torch.device | str | None = None, precision: str = "auto",
-                        min_confidence: str | float | None = None) -> Predictor:
+                        min_confidence: str | float | None = None, crops: int | None = None) -> Predictor:
+        """`crops`: eval crops per photo, instead of the export's data.eval_crops."""
         model, export = load_export_model(directory)
         calibration = load_calibration(directory)
         threshold = resolve_min_confidence(min_confidence, calibration, directory)
-        return cls(model, export.classes, export.config, device=device, precision=precision,
+        config = export.config if crops is None else with_eval_crops(export.config, crops)
+        return cls(model, export.classes, config, device=device, precision=precision,
                    calibration=calibration, min_confidence=threshold)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """uint8 HWC crop, exactly as the torchvision eval loader makes it."""
-        return eval_transform(image, self.image_size, self.crop_fraction)
+        """uint8 HWC crop (KHWC for several crops), exactly as the torchvision eval loader makes it."""
+        return eval_transform(image, self.image_size, self.crop_fraction, self.crops)
 
     def predict(self, inputs, topk: int = 3, batch_size: int = DEFAULT_BATCH_SIZE) -> list[Prediction]:
         """Top-k brands of each input (path or PIL image), in input order; an unreadable file raises DataError."""
@@ -224,6 +227,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the export's calibration.json (default: never unknown)")
     parser.add_argument("--explain", type=Path, default=None, metavar="DIR",
                         help="also write a Grad-CAM overlay per photo into DIR (NAME.gradcam.png; see carbrand explain)")
+    add_crops_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -232,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be a positive integer; got {args.batch_size}")
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision,
-                                          min_confidence=args.min_confidence)
+                                          min_confidence=args.min_confidence, crops=args.crops)
     files, errors = image_files(args.paths)
     crops, sources = [], []
     for path in files:

@@ -49,7 +49,7 @@ def app_from_environment() -> FastAPI:
     settings = settings_from_environment()
     # A calibrated export answers "unknown" below its stored threshold, as `predict --min-confidence auto` does.
     calibrated = {"min_confidence": "auto"} if (Path(settings.checkpoint) / CALIBRATION_FILE).is_file() else {}
-    predictor = Predictor.from_checkpoint(settings.checkpoint, device=settings.device, **calibrated)
+    predictor = Predictor.from_checkpoint(settings.checkpoint, device=settings.device, crops=settings.crops, **calibrated)
     return create_app(settings, predictor)
 
 
@@ -177,6 +177,7 @@ def model_description(settings: ServeSettings, predictor) -> dict:
         "architecture": predictor_architecture(checkpoint),
         "brands": list(predictor.classes),
         "image_size": predictor.image_size,
+        "eval_crops": predictor.crops,  # crops along each photo's longer side, probabilities averaged (--crops)
         "device": str(predictor.device),
         "test_metrics": test_metrics(checkpoint),
         "calibration": calibration(checkpoint),

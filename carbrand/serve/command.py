@@ -21,6 +21,7 @@ import os
 
 from carbrand.checkpoint import load_export
 from carbrand.errors import UsageError
+from carbrand.inference.classifier import add_crops_argument, check_crops
 from carbrand.serve.batching import BatchingSettings
 from carbrand.serve.settings import KILOBYTE, MEGABYTE, SETTINGS_VARIABLE, ConnectionLimits, ServeSettings
 
@@ -61,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=int, default=defaults.topk, help=f"brands per image unless ?topk=K (default: {defaults.topk})")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--access-log", action="store_true", help="log every request (default: start-up and errors only)")
+    add_crops_argument(parser)
 
 
 def settings_from_arguments(args: argparse.Namespace) -> ServeSettings:
@@ -77,6 +79,8 @@ def settings_from_arguments(args: argparse.Namespace) -> ServeSettings:
     if args.max_uploads_in_flight_mb < args.max_upload_mb:
         raise UsageError(f"--max-uploads-in-flight-mb ({args.max_uploads_in_flight_mb:g}) must be at least --max-upload-mb "
                          f"({args.max_upload_mb:g}): a largest upload would never be accepted")
+    if args.crops is not None:
+        check_crops(args.crops)
     if args.port > 65535:
         raise UsageError(f"--port must be at most 65535; got {args.port}")
     batching = BatchingSettings(enabled=args.batching == "on", max_batch_images=args.max_batch,
@@ -86,7 +90,7 @@ def settings_from_arguments(args: argparse.Namespace) -> ServeSettings:
     return ServeSettings(checkpoint=os.path.abspath(args.checkpoint), batching=batching,
                          max_upload_bytes=int(args.max_upload_mb * MEGABYTE), max_images=args.max_images,
                          max_uploads_in_flight_bytes=int(args.max_uploads_in_flight_mb * MEGABYTE), connections=connections,
-                         topk=args.topk, device=args.device)
+                         topk=args.topk, device=args.device, crops=args.crops)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -40,6 +40,7 @@ class ServeSettings:
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     topk: int = 5  # brands per image unless the request asks (?topk=K)
     device: str | None = None  # torch device; None: cuda if available, else cpu
+    crops: int | None = None  # eval crops per photo (--crops); None: the export's data.eval_crops
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

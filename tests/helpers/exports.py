@@ -72,12 +72,14 @@ def fit_export(directory: Path, prepared: Path) -> Path:
     return save_export(directory, plain_state_dict(model.eval()), dataset.classes, config)
 
 
-def reference_probabilities(export: Path, paths: list[Path], *, mirrored: bool = False) -> torch.Tensor:
+def reference_probabilities(export: Path, paths: list[Path], *, mirrored: bool = False, crops: int = 1) -> torch.Tensor:
     """Softmax of an export over photos, computed apart from the product's loaders and inference code.
 
     The eval crop as documented (the centred square that "resize the shorter side to size / 0.875, crop
     size" shows, resized once with PIL: at 32 px a crop shifted by half a pixel changes the fitted
     export's answers), ImageNet normalisation and a plain forward pass; `mirrored`: of each photo's mirror.
+    `crops` > 1: that crop of each of `crops` squares of the full shorter side, the first at one end of the
+    longer side, the last at the other, evenly spaced; the mean of their softmaxes.
     """
     from PIL import Image
     from safetensors.torch import load_file
@@ -91,11 +93,16 @@ def reference_probabilities(export: Path, paths: list[Path], *, mirrored: bool =
     images = []
     for path in paths:
         image = Image.open(path).convert("RGB")
-        side = min(image.size) * size / round(size / config.data.eval_crop_fraction)
-        left, top = (image.width - side) / 2, (image.height - side) / 2
-        crop = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
-        pixels = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
-        images.append((pixels.float() / 255 - mean) / std)
+        shorter = min(image.size)
+        side = shorter * size / round(size / config.data.eval_crop_fraction)
+        for k in range(crops):
+            step = k / (crops - 1) if crops > 1 else 0.5  # where the full-side square sits: 0 one end, 1 the other
+            square_left, square_top = (image.width - shorter) * step, (image.height - shorter) * step
+            left, top = square_left + (shorter - side) / 2, square_top + (shorter - side) / 2
+            crop = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+            pixels = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+            images.append((pixels.float() / 255 - mean) / std)
     with torch.no_grad():
         batch = torch.stack(images)
-        return model.eval()(batch.flip(-1) if mirrored else batch).softmax(dim=1)
+        probabilities = model.eval()(batch.flip(-1) if mirrored else batch).softmax(dim=1)
+        return probabilities.unflatten(0, (len(paths), crops)).mean(dim=1)
