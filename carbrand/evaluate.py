@@ -61,7 +61,8 @@ from carbrand.evaluation import calibration_report, report
 from carbrand.evaluation.html_report import Explainer, build_gallery
 from carbrand.evaluation.report import SampleRecord, check_output_directory, default_out_dir
 from carbrand.inference.calibration import calibrated_probabilities, load_calibration, resolve_min_confidence
-from carbrand.inference.classifier import PRECISIONS, add_crops_argument, inference_precision, place_model, predict_batches, with_eval_crops
+from carbrand.inference.classifier import (PRECISIONS, add_crops_argument, inference_precision, place_model, predict_batches,
+                                           with_eval_crops)
 from carbrand.inference.gradcam import explain
 from carbrand.precision import input_dtype
 from carbrand.prepare.command import prepare_dataset

@@ -43,7 +43,8 @@ from carbrand.data.torch_loader import eval_transform
 from carbrand.errors import DataError, UsageError
 from carbrand.filesystem import write_bytes_atomically
 from carbrand.inference.calibration import Calibration, calibrated_probabilities, load_calibration, resolve_min_confidence
-from carbrand.inference.classifier import PRECISIONS, add_crops_argument, classify, inference_precision, place_model, with_eval_crops
+from carbrand.inference.classifier import (PRECISIONS, add_crops_argument, classify, inference_precision, place_model,
+                                           with_eval_crops)
 from carbrand.inference.gradcam import Explanation, explain, overlay, png_bytes
 from carbrand.inference.overlays import write_overlays
 from carbrand.prepare.formats import IMAGE_EXTENSIONS
