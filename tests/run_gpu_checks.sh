@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a GPU host checks, in one command, most lacking first: the GPU tests (the newest
-# GPU paths: shards, a timm backbone, precision auto), the loader benchmark, the bf16 training
+# GPU paths: shards, a timm backbone, precision auto, eval crops), the loader benchmark, the bf16 training
 # benchmark and training with GPU TrivialAugment, then the other GPU benchmarks (fp16 and
 # compiled TrivialAugment, hardware-decoder loads, epoch boundaries, fp32/fp16, NCHW,
 # torch.compile, EfficientNet-Lite0). A lease of about 10 minutes gets through the training

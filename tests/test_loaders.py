@@ -324,3 +324,21 @@ def test_dali_gpu_decode_matches_cpu_decode(cars5, dtype):
         assert images.shape == (8, 3, SIZE, SIZE) and images.device == device and labels.device == device
         assert images.is_contiguous(memory_format=torch.channels_last)
     assert np.isfinite(on_gpu.numpy()).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dali_gpu_decode_makes_the_same_three_crops_as_cpu_decode(cars5):
+    """data.eval_crops 3 on the GPU: the crops stacked per photo, each an NCHW channels-last image, as on the CPU."""
+    device = torch.device("cuda", 0)
+    samples = read_split(cars5 / "test")[:20]
+    data = config("dali", decode="gpu", eval_crops=3)
+    gpu = build_eval_loader(data, samples, backend=resolve_backend(data, device), rank=0, world_size=1, device=device,
+                            dtype=torch.bfloat16, channels_last=True)
+    batches = [images for images, _, _ in gpu]
+    assert all(images.shape[1:] == (3, 3, SIZE, SIZE) and images.device == device for images in batches)
+    assert all(images.flatten(0, 1).is_contiguous(memory_format=torch.channels_last) for images in batches)
+    on_gpu = torch.cat([images.float().cpu() for images in batches])
+    on_cpu, _ = eval_images(eval_loader(config("dali", eval_crops=3), samples))
+    assert on_gpu.shape == on_cpu.shape == (len(samples), 3, 3, SIZE, SIZE)
+    assert (on_gpu - on_cpu).abs().flatten(2).mean(2).max() < 0.05  # every crop of every photo, not only on average
